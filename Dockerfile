@@ -1,0 +1,15 @@
+# GPU image: NVIDIA's PyTorch container ships CUDA torch, Transformer Engine and apex.
+#   docker build -t megatron-emo .
+#   docker run --gpus all --rm -it megatron-emo
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
+FROM ${BASE_IMAGE}
+
+WORKDIR /workspace/megatron-emo
+COPY requirements.txt .
+# Keep the container's own torch/numpy builds (they match its CUDA, TE and apex).
+RUN grep -vE '^(torch|numpy)==' requirements.txt > /tmp/requirements.container.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.container.txt
+COPY . .
+RUN pip install --no-cache-dir --no-deps -e .
+
+CMD ["python", "-c", "import megatron_emo, megatron_emo.mcore; print('megatron-emo', megatron_emo.__version__)"]
