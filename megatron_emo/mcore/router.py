@@ -1,0 +1,230 @@
+"""``EMORouter``: Megatron's ``TopKRouter`` with EMO document-pool routing.
+
+Megatron symbols: ``transformer.moe.router.TopKRouter`` (``forward``, ``gating``, ``routing``,
+``attach_and_log_load_balancing_loss``, ``_apply_expert_bias``, ``tp_cp_group``,
+``tp_dp_cp_group``, ``layer_number``), ``transformer.moe.moe_utils.{MoEAuxLossAutoScaler,
+router_gating_linear, apply_router_token_dropping}``, ``transformer.moe.moe_logging.
+get_moe_metrics_tracker``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    apply_router_token_dropping,
+    router_gating_linear,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_emo.mcore.config import EMOTransformerConfig
+from megatron_emo.mcore.routing_context import current_documents
+from megatron_emo.parallel import all_reduce_fn
+from megatron_emo.routing import (
+    document_pool_mask,
+    eval_pool_sizes,
+    load_balancing_loss,
+    route_within_pools,
+    sample_pool_sizes,
+    z_loss,
+)
+
+__all__ = ["EMORouter", "num_moe_layers"]
+
+
+def num_moe_layers(config: EMOTransformerConfig) -> int:
+    """Number of MoE layers implied by ``moe_layer_freq`` (int period or 0/1 list)."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return sum(1 for i in range(config.num_layers) if i % freq == 0)
+    return int(sum(freq))
+
+
+class EMORouter(TopKRouter):
+    """Top-k router whose tokens may only use their document's expert pool (EMO).
+
+    Per micro-batch it reads the documents from ``routing_context`` (``DocumentBatch``), draws a
+    pool size per document (training: uniform in ``[emo_pool_size_min, emo_pool_size_max]``,
+    keyed by seed, iteration, layer and document key; evaluation: ``emo_pool_size_eval``),
+    selects every document's pool from its summed fp32 softmax (all-reduced over the TP group
+    under sequence parallelism and over the CP group), and routes inside the pool with
+    ``megatron_emo.routing``. Load balancing counts are reduced over TP x DP x CP, so balance is
+    global while documents specialise. With ``emo_routing='standard'`` the same code routes
+    without pools (the standard-MoE baseline).
+
+    Outside ``routing_context`` the router raises in training; in evaluation each sequence is
+    one document.
+    """
+
+    def __init__(self, config: EMOTransformerConfig, pg_collection=None, is_mtp_layer: bool = False, **kwargs):
+        if not isinstance(config, EMOTransformerConfig):
+            raise TypeError(f"EMORouter needs an EMOTransformerConfig, got {type(config).__name__}")
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kwargs)
+        self.num_shared_experts = config.emo_num_shared_experts
+        self.num_routed_experts = config.emo_num_routed_experts
+        # Document partial sums live on the ranks that hold shards of the same sequences.
+        pool_group = self.tp_cp_group if config.sequence_parallel else self.cp_group
+        self._pool_reduce_fn = all_reduce_fn(pool_group)
+        # Load-balancing counts: every rank that holds tokens of the step (TP x DP x CP).
+        self._lb_reduce_fn = all_reduce_fn(self.tp_dp_cp_group)
+        scale = num_moe_layers(config) if config.emo_scale_aux_loss_by_num_layers else 1
+        self.lb_coeff = (config.moe_aux_loss_coeff if self.get_aux_loss_coeff("aux_loss") else 0.0) / scale
+        self.z_coeff = (config.moe_z_loss_coeff or 0.0) / scale
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Router logits; the weights follow the input's device (Megatron moves them to CUDA)."""
+        if self.weight.device != input.device:
+            self.weight.data = self.weight.data.to(input.device)
+        if self.bias is not None and self.bias.device != input.device:
+            self.bias.data = self.bias.data.to(input.device)
+        router_dtype = input.dtype
+        if self.config.moe_router_dtype == "fp32":
+            router_dtype = torch.float32
+        elif self.config.moe_router_dtype == "fp64":
+            router_dtype = torch.float64
+        return router_gating_linear(input, self.weight, self.bias, router_dtype)
+
+    def _document_ids_and_pools(
+        self, seq_length: int, bsz: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This shard's ``(T,)`` document ids in router order ``[s, b]`` and ``(D,)`` pool sizes."""
+        config = self.config
+        docs = current_documents()
+        if docs is None:
+            if self.training:
+                raise RuntimeError(
+                    f"EMORouter (layer {self.layer_number}) found no documents in training: run "
+                    "the model forward inside megatron_emo.mcore.routing_context(DocumentBatch(...))"
+                )
+            # Evaluation without document ids: every sequence is one document.
+            doc_ids_T = torch.arange(bsz, device=device).repeat(seq_length)
+            return doc_ids_T, eval_pool_sizes(bsz, size=config.emo_pool_size_eval, device=device)
+
+        doc_ids_BS = docs.doc_ids
+        if doc_ids_BS.shape[0] != bsz:
+            raise ValueError(f"doc_ids batch size {doc_ids_BS.shape[0]} != router batch size {bsz}")
+        full_seq = doc_ids_BS.shape[1]
+        if full_seq != seq_length:
+            tp_size = self.tp_group.size()
+            if not (config.sequence_parallel and full_seq == seq_length * tp_size):
+                raise ValueError(
+                    f"doc_ids cover {full_seq} positions but the router sees {seq_length} (tensor "
+                    f"parallel size {tp_size}, sequence_parallel={config.sequence_parallel})"
+                )
+            # Sequence parallelism scatters the sequence dimension evenly over the TP ranks.
+            start = self.tp_group.rank() * seq_length
+            doc_ids_BS = doc_ids_BS[:, start : start + seq_length]
+        doc_ids_T = doc_ids_BS.to(device, non_blocking=True).t().reshape(-1)
+        keys_D = docs.doc_keys.to(device, non_blocking=True)
+        if self.training:
+            pool_sizes_D = sample_pool_sizes(
+                keys_D,
+                seed=config.emo_pool_size_seed,
+                iteration=docs.iteration,
+                layer=self.layer_number or 0,
+                min_size=config.emo_pool_size_min,
+                max_size=config.emo_pool_size_max,
+            )
+        else:
+            pool_sizes_D = eval_pool_sizes(docs.num_docs, size=config.emo_pool_size_eval, device=device)
+        return doc_ids_T, pool_sizes_D
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """EMO routing of ``[s, b, E]`` logits.
+
+        Args:
+            logits: ``[s, b, E]`` router logits (``s`` is this rank's sequence shard).
+            padding_mask: optional ``[s, b]`` bool, True for padding (excluded from the losses).
+
+        Returns:
+            ``(probs, routing_map)``, both ``[s * b, E]``.
+        """
+        seq_length, bsz = logits.shape[:2]
+        logits_TE = logits.reshape(-1, self.config.num_moe_experts)
+        valid_T = None if padding_mask is None else ~padding_mask.reshape(-1)
+        routed_logits_TR = logits_TE[:, : self.num_routed_experts]
+
+        if self.config.emo_routing == "emo":
+            doc_ids_T, pool_sizes_D = self._document_ids_and_pools(seq_length, bsz, logits.device)
+            in_pool_TR = document_pool_mask(
+                routed_logits_TR, doc_ids_T, pool_sizes_D, reduce_fn=self._pool_reduce_fn
+            )
+        else:
+            in_pool_TR = torch.ones_like(routed_logits_TR, dtype=torch.bool)
+
+        with_losses = self.training and torch.is_grad_enabled()
+        if with_losses and self.z_coeff > 0:
+            masked_TR = routed_logits_TR.float().masked_fill(~in_pool_TR, float("-inf"))
+            z = z_loss(masked_TR, valid_T=valid_T) * (self.z_coeff / self.tp_cp_group.size())
+            logits_TE = self._attach_aux_loss(logits_TE, z, "z_loss", self.z_coeff, valid_T)
+
+        expert_bias_R = None
+        if self.expert_bias is not None:
+            expert_bias_R = self.expert_bias[: self.num_routed_experts]
+        result = route_within_pools(
+            logits_TE,
+            in_pool_TR,
+            topk=self.topk,
+            num_shared_experts=self.num_shared_experts,
+            renormalize=self.config.emo_renormalize_probs,
+            score_function=self.score_function,
+            expert_bias_R=expert_bias_R,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+        )
+        probs, routing_map = result.probs, result.routing_map
+
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs,
+                routing_map,
+                router_topk=self.topk,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+            )
+
+        if with_losses and self.lb_coeff > 0:
+            lb = load_balancing_loss(
+                result.scores,
+                result.routed_map,
+                topk=self.topk - self.num_shared_experts,
+                reduce_fn=self._lb_reduce_fn,
+                valid_T=valid_T,
+            )
+            # The rank's share (local mean scores, global counts), divided by the TP x CP ranks
+            # whose router-weight gradients are summed (SP) or averaged with DP (CP), so that
+            # DP gradient averaging yields the gradient of the global loss (see routing/losses).
+            lb = lb * (self.lb_coeff / self.tp_cp_group.size())
+            probs = self._attach_aux_loss(probs, lb, "load_balancing_loss", self.lb_coeff, valid_T)
+
+        self._apply_expert_bias(routing_map, padding_mask=None if valid_T is None else ~valid_T)
+        return probs, routing_map
+
+    def _attach_aux_loss(
+        self,
+        activation: torch.Tensor,
+        loss: torch.Tensor,
+        name: str,
+        coeff: float,
+        valid_T: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attaches ``loss`` to ``activation``'s gradient (Megatron's aux-loss autoscaler) and logs it.
+
+        The schedule sets the autoscaler's scale to ``cp_size / num_microbatches`` (or the
+        per-token-loss scale), exactly as for Megatron's own aux losses.
+        """
+        layer_number = self.layer_number
+        if layer_number is not None:
+            get_moe_metrics_tracker().record(
+                name,
+                loss.detach() / coeff,
+                layer_number,
+                self.config.num_layers,
+                reduce_group=self.tp_cp_group,
+                needs_dp_avg=True,
+            )
+        if self.calculate_per_token_loss:
+            num_local = valid_T.sum() if valid_T is not None else activation.shape[0]
+            loss = loss * num_local * self.tp_cp_group.size()
+        return MoEAuxLossAutoScaler.apply(activation, loss)
