@@ -48,6 +48,10 @@ class EMOTransformerConfig(TransformerConfig):
     emo_renormalize_probs: bool = False
     """Renormalise the chosen routed weights to sum 1 (EMO does not)."""
 
+    emo_lb_accumulate_microbatches: bool = False
+    """Balance over all micro-batches of the step seen so far (running counts, reset when the
+    iteration changes) instead of each micro-batch alone, as the reference does."""
+
     emo_scale_aux_loss_by_num_layers: bool = True
     """Divide ``moe_aux_loss_coeff`` and ``moe_z_loss_coeff`` by the number of MoE layers, so the
     flags give the total weight (EMO: 0.1 and 1e-3 over 16 layers, 0.00625 and 6.25e-5 each)."""

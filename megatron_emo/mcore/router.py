@@ -24,6 +24,7 @@ from megatron_emo.parallel import all_reduce_fn
 from megatron_emo.routing import (
     document_pool_mask,
     eval_pool_sizes,
+    expert_load,
     load_balancing_loss,
     route_within_pools,
     sample_pool_sizes,
@@ -71,6 +72,10 @@ class EMORouter(TopKRouter):
         scale = num_moe_layers(config) if config.emo_scale_aux_loss_by_num_layers else 1
         self.lb_coeff = (config.moe_aux_loss_coeff if self.get_aux_loss_coeff("aux_loss") else 0.0) / scale
         self.z_coeff = (config.moe_z_loss_coeff or 0.0) / scale
+        # Running fp32 expert load of the current step (emo_lb_accumulate_microbatches); not a
+        # buffer, so Megatron's Float16Module cannot cast the counts to bf16.
+        self._step_load_R1: torch.Tensor | None = None
+        self._step_load_iteration: int | None = None
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Router logits; the weights follow the input's device (Megatron moves them to CUDA)."""
@@ -185,12 +190,15 @@ class EMORouter(TopKRouter):
             )
 
         if with_losses and self.lb_coeff > 0:
+            load_R1 = expert_load(result.routed_map, reduce_fn=self._lb_reduce_fn, valid_T=valid_T)
+            if self.config.emo_lb_accumulate_microbatches:
+                load_R1 = self._accumulate_step_load(load_R1)
             lb = load_balancing_loss(
                 result.scores,
                 result.routed_map,
                 topk=self.topk - self.num_shared_experts,
-                reduce_fn=self._lb_reduce_fn,
                 valid_T=valid_T,
+                load_R1=load_R1,
             )
             # The rank's share (local mean scores, global counts), divided by the TP x CP ranks
             # whose router-weight gradients are summed (SP) or averaged with DP (CP), so that
@@ -200,6 +208,21 @@ class EMORouter(TopKRouter):
 
         self._apply_expert_bias(routing_map, padding_mask=None if valid_T is None else ~valid_T)
         return probs, routing_map
+
+    def _accumulate_step_load(self, load_R1: torch.Tensor) -> torch.Tensor:
+        """Adds a micro-batch's expert load to the step's running load and returns the total."""
+        docs = current_documents()
+        if docs is None:
+            raise RuntimeError(
+                "emo_lb_accumulate_microbatches needs the iteration from routing_context to know "
+                "when a step starts; run the forward inside routing_context(DocumentBatch(...))"
+            )
+        iteration = docs.iteration
+        if iteration != self._step_load_iteration or self._step_load_R1 is None:
+            self._step_load_R1 = torch.zeros_like(load_R1)  # first micro-batch of a new step
+            self._step_load_iteration = iteration
+        self._step_load_R1 = self._step_load_R1 + load_R1
+        return self._step_load_R1
 
     def _attach_aux_loss(
         self,

@@ -9,7 +9,7 @@ from megatron_emo.routing.documents import (
     doc_ids_from_eod,
     segment_sum,
 )
-from megatron_emo.routing.losses import load_balancing_loss, z_loss
+from megatron_emo.routing.losses import expert_load, load_balancing_loss, z_loss
 from megatron_emo.routing.pool import document_pool_mask, eval_pool_sizes, sample_pool_sizes
 from megatron_emo.routing.route import EMORouting, emo_route, route_within_pools
 
@@ -21,6 +21,7 @@ __all__ = [
     "document_pool_mask",
     "emo_route",
     "eval_pool_sizes",
+    "expert_load",
     "load_balancing_loss",
     "route_within_pools",
     "sample_pool_sizes",

@@ -22,7 +22,36 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["load_balancing_loss", "z_loss"]
+__all__ = ["expert_load", "load_balancing_loss", "z_loss"]
+
+
+def expert_load(
+    routed_map_TR: torch.Tensor,
+    *,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    valid_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Routed-slot counts per expert and the token count, summed over the balancing domain.
+
+    Args:
+        routed_map_TR: ``(T, R)`` bool routed assignments (shared experts excluded).
+        reduce_fn: sums over the ranks of the balancing domain; identity if None.
+        valid_T: optional ``(T,)`` bool, False for padding tokens (not counted).
+
+    Returns:
+        ``(R + 1,)`` fp32: ``[N_0, ..., N_{R-1}, N]``, no gradient. Statistics of several
+        micro-batches add up.
+    """
+    with torch.no_grad():
+        counts_TR = routed_map_TR.float()
+        if valid_T is not None:
+            counts_TR = counts_TR * valid_T[:, None]
+            num_tokens = valid_T.sum().float()
+        else:
+            num_tokens = torch.tensor(float(routed_map_TR.shape[0]), device=routed_map_TR.device)
+        # Counts and token count travel in one collective.
+        load_R1 = torch.cat([counts_TR.sum(dim=0), num_tokens.reshape(1)])
+        return reduce_fn(load_R1) if reduce_fn is not None else load_R1
 
 
 def load_balancing_loss(
@@ -32,6 +61,7 @@ def load_balancing_loss(
     topk: int,
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     valid_T: torch.Tensor | None = None,
+    load_R1: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch-style load-balancing loss with globally reduced expert counts.
 
@@ -42,27 +72,23 @@ def load_balancing_loss(
         reduce_fn: sums a tensor over the ranks of the balancing domain (no gradient flows
             through it); identity if None.
         valid_T: optional ``(T,)`` bool, False for padding tokens (excluded from both factors).
+        load_R1: optional precomputed ``expert_load`` (for example accumulated over the
+            micro-batches of a step); when given, ``routed_map_TR`` and ``reduce_fn`` are unused.
 
     Returns:
         Scalar fp32 loss (this rank's share; see the module docstring).
     """
     num_routed = scores_TR.shape[1]
+    if load_R1 is None:
+        load_R1 = expert_load(routed_map_TR, reduce_fn=reduce_fn, valid_T=valid_T)
+    frac_R = load_R1[:num_routed] / load_R1[num_routed].clamp(min=1.0)
     scores_TR = scores_TR.float()
-    with torch.no_grad():
-        routed_map_TR = routed_map_TR.float()
-        if valid_T is not None:
-            routed_map_TR = routed_map_TR * valid_T[:, None]
-            num_local = valid_T.sum().float()
-        else:
-            num_local = torch.tensor(float(scores_TR.shape[0]), device=scores_TR.device)
-        # Counts and token count travel in one collective.
-        stats_R1 = torch.cat([routed_map_TR.sum(dim=0), num_local.reshape(1)])
-        if reduce_fn is not None:
-            stats_R1 = reduce_fn(stats_R1)
-        frac_R = stats_R1[:num_routed] / stats_R1[num_routed].clamp(min=1.0)
     if valid_T is not None:
         scores_TR = scores_TR * valid_T[:, None]
-    mean_scores_R = scores_TR.sum(dim=0) / num_local.clamp(min=1.0)
+        num_local = valid_T.sum().float().clamp(min=1.0)
+    else:
+        num_local = max(scores_TR.shape[0], 1)
+    mean_scores_R = scores_TR.sum(dim=0) / num_local
     return (num_routed / topk) * torch.sum(frac_R * mean_scores_R)
 
 

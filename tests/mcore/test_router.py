@@ -281,3 +281,45 @@ def test_router_refuses_a_plain_transformer_config():
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=8)
     with pytest.raises(TypeError, match="EMOTransformerConfig"):
         EMORouter(config)
+
+
+def test_padding_is_excluded_from_the_load_balancing_statistics():
+    config = tiny_config(num_layers=1)
+    model = build_tiny_gpt(config)
+    records = capture_router_io(model)
+    tokens, position_ids, mask, docs = tiny_batch()
+    padding_BS = torch.zeros_like(tokens, dtype=torch.bool)
+    padding_BS[1, 48:] = True  # right-padded second sequence
+    model.train()
+    with routing_context(docs):
+        model(tokens, position_ids, mask, labels=tokens, padding_mask=padding_BS)
+    record = records[0]
+    router = record["router"]
+    logits = (record["hidden"].float() @ router.weight.detach().float().t()).reshape(-1, 8)
+    _, _, doc_ids_T, pools = _expected_routing(record, docs, config, train=True)
+    result = route_within_pools(logits, document_pool_mask(logits[:, :7], doc_ids_T, pools),
+                                topk=3, num_shared_experts=1)
+    valid_T = ~padding_BS.t().reshape(-1)
+    expected = load_balancing_loss(result.scores, result.routed_map, topk=2, valid_T=valid_T)
+    unmasked = load_balancing_loss(result.scores, result.routed_map, topk=2)
+    logged = moe_logging.get_moe_metrics_tracker().metrics["load_balancing_loss"].values[0]
+    torch.testing.assert_close(logged, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(expected, unmasked)
+
+
+def test_same_documents_and_iteration_route_identically_after_a_rebuild():
+    """What a resume relies on: pools depend only on (seed, iteration, layer, document key)."""
+    batch = tiny_batch()
+    maps = []
+    for _ in range(2):
+        model = build_tiny_gpt(tiny_config(), seed=21)
+        records = capture_router_io(model)
+        _forward(model, batch)
+        maps.append(torch.stack([r["routing_map"] for r in records]))
+    assert torch.equal(maps[0], maps[1])
+    later = tiny_batch()
+    later = (*later[:3], type(later[3])(later[3].doc_ids, later[3].doc_keys, iteration=8))
+    model = build_tiny_gpt(tiny_config(), seed=21)
+    records = capture_router_io(model)
+    _forward(model, later)
+    assert not torch.equal(torch.stack([r["routing_map"] for r in records]), maps[0])
