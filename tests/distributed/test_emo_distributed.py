@@ -149,57 +149,8 @@ def test_split_documents_get_whole_document_pools(mode):
     run_distributed(_split_documents, 2, mode)
 
 
-def _lb_gradient(rank: int, world_size: int) -> None:
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from megatron_emo.mcore import routing_context
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
-    from megatron_emo.routing import (
-        DocumentBatch,
-        document_pool_mask,
-        load_balancing_loss,
-        route_within_pools,
-        sample_pool_sizes,
-    )
-
-    initialize_model_parallel_cpu()  # DP = 2
-    config = tiny_config(num_layers=1, moe_aux_loss_coeff=1.0, moe_z_loss_coeff=None,
-                         num_moe_experts=16, moe_router_topk=4, emo_pool_size_min=3, emo_pool_size_max=9)
-    router, hidden, docs = _router_and_inputs(config, seq=SEQ, bsz=4)
-
-    # Single-process reference: the whole batch, pure functions, autograd.
-    weight = router.weight.detach().clone().requires_grad_(True)
-    logits = (hidden.reshape(-1, config.hidden_size) @ weight.t()).reshape(-1, 16)
-    pools = sample_pool_sizes(docs.doc_keys, seed=config.emo_pool_size_seed, iteration=docs.iteration,
-                              layer=1, min_size=3, max_size=9)
-    in_pool = document_pool_mask(logits[:, :15], docs.doc_ids.t().reshape(-1), pools)
-    result = route_within_pools(logits, in_pool, topk=4, num_shared_experts=1)
-    load_balancing_loss(result.scores, result.routed_map, topk=3).backward()
-    ref_grad = weight.grad
-
-    # DP = 2: each rank routes half of the sequences; DDP averages the gradients.
-    half = slice(rank * 2, rank * 2 + 2)
-    local_docs = DocumentBatch(docs.doc_ids[half], docs.doc_keys, docs.iteration)
-    router.train()
-    for num_microbatches in (1, 3):
-        router.weight.grad = None
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_microbatches))
-        for _ in range(num_microbatches):  # identical micro-batches: the scale must cancel
-            with routing_context(local_docs):
-                probs, _ = router(hidden[:, half].contiguous())
-            (probs * 0).sum().backward()
-        grad = router.weight.grad.clone()
-        dist.all_reduce(grad)
-        grad /= world_size
-        torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
-
-
-def test_load_balancing_gradient_is_independent_of_dp_size_and_microbatches():
-    run_distributed(_lb_gradient, 2)
-
-
-def _lb_accumulated_gradient(rank: int, world_size: int) -> None:
-    """Step-accumulated balancing over 3 different micro-batches: DP=2 equals one process."""
+def _lb_gradient(rank: int, world_size: int, accumulate: bool, microbatches: str) -> None:
+    """DP=2 router gradients of the balancing loss, averaged like DDP, vs one process."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megatron_emo.mcore import routing_context
@@ -216,41 +167,55 @@ def _lb_accumulated_gradient(rank: int, world_size: int) -> None:
     initialize_model_parallel_cpu()  # DP = 2
     config = tiny_config(num_layers=1, moe_aux_loss_coeff=1.0, moe_z_loss_coeff=None,
                          num_moe_experts=16, moe_router_topk=4, emo_pool_size_min=3,
-                         emo_pool_size_max=9, emo_lb_accumulate_microbatches=True)
-    router, _, docs = _router_and_inputs(config, seq=SEQ, bsz=4)
+                         emo_pool_size_max=9, emo_lb_accumulate_microbatches=accumulate)
+    router, hidden, docs = _router_and_inputs(config, seq=SEQ, bsz=4)
     gen = torch.Generator().manual_seed(1)
-    hiddens = [torch.randn(SEQ, 4, config.hidden_size, generator=gen) for _ in range(3)]
+    hiddens = {
+        "one": [hidden],
+        "repeated": [hidden] * 3,  # identical micro-batches: the 1/M scale must cancel
+        "distinct": [torch.randn(SEQ, 4, config.hidden_size, generator=gen) for _ in range(3)],
+    }[microbatches]
+    num_mb = len(hiddens)
 
+    # Single-process reference: whole micro-batches, pure functions, autograd, mean over them.
     weight = router.weight.detach().clone().requires_grad_(True)
     pools = sample_pool_sizes(docs.doc_keys, seed=config.emo_pool_size_seed, iteration=docs.iteration,
                               layer=1, min_size=3, max_size=9)
     running, total = torch.zeros(16), 0.0
-    for hidden in hiddens:
-        logits = (hidden.reshape(-1, config.hidden_size) @ weight.t()).reshape(-1, 16)
+    for h in hiddens:
+        logits = (h.reshape(-1, config.hidden_size) @ weight.t()).reshape(-1, 16)
         in_pool = document_pool_mask(logits[:, :15], docs.doc_ids.t().reshape(-1), pools)
         result = route_within_pools(logits, in_pool, topk=4, num_shared_experts=1)
         running = running + expert_load(result.routed_map)
-        total = total + load_balancing_loss(result.scores, result.routed_map, topk=3, load_R1=running) / 3
+        load = running if accumulate else None
+        total = total + load_balancing_loss(result.scores, result.routed_map, topk=3, load_R1=load) / num_mb
     total.backward()
 
+    # DP = 2: each rank routes half of the sequences of every micro-batch.
     half = slice(rank * 2, rank * 2 + 2)
     local_docs = DocumentBatch(docs.doc_ids[half], docs.doc_keys, docs.iteration)
     router.train()
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / 3))
-    for hidden in hiddens:
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_mb))  # what the schedule sets
+    for h in hiddens:
         with routing_context(local_docs):
-            probs, _ = router(hidden[:, half].contiguous())
+            probs, _ = router(h[:, half].contiguous())
         (probs * 0).sum().backward()
     grad = router.weight.grad.clone()
     dist.all_reduce(grad)
-    grad /= world_size
+    grad /= world_size  # DDP's gradient averaging
     torch.testing.assert_close(grad, weight.grad, atol=1e-6, rtol=1e-5)
-    # A new iteration starts a new running load.
-    assert router._step_load_R1[-1].item() == 3 * 2 * SEQ * world_size
-    with routing_context(DocumentBatch(local_docs.doc_ids, docs.doc_keys, docs.iteration + 1)):
-        router(hiddens[0][:, half].contiguous())
-    assert router._step_load_R1[-1].item() == 2 * SEQ * world_size
+
+    if accumulate:  # a new iteration starts a new running load
+        assert router._step_load_R1[-1].item() == num_mb * 2 * SEQ * world_size
+        with routing_context(DocumentBatch(local_docs.doc_ids, docs.doc_keys, docs.iteration + 1)):
+            router(hiddens[0][:, half].contiguous())
+        assert router._step_load_R1[-1].item() == 2 * SEQ * world_size
 
 
-def test_accumulated_load_balancing_gradient_matches_single_process():
-    run_distributed(_lb_accumulated_gradient, 2)
+@pytest.mark.parametrize(
+    ("accumulate", "microbatches"),
+    [(False, "one"), (False, "repeated"), (False, "distinct"), (True, "distinct")],
+    ids=["1-microbatch", "3-identical", "3-distinct", "3-distinct-step-accumulated"],
+)
+def test_load_balancing_gradient_is_independent_of_dp_size(accumulate, microbatches):
+    run_distributed(_lb_gradient, 2, accumulate, microbatches)
