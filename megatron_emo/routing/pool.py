@@ -36,12 +36,28 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _hash_words(words: list[torch.Tensor]) -> torch.Tensor:
-    """Hashes a sequence of int64 tensors (each reduced to 32-bit words) to ``[0, 2**32)``."""
-    h = torch.zeros_like(words[0])
+def _mix32_int(x: int) -> int:
+    """``_mix32`` on a Python int (the same arithmetic, for host-side constants)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _hash_words(prefix: list[int], words: list[torch.Tensor]) -> torch.Tensor:
+    """Hashes 32-bit words (host ints first, then int64 tensors) to ``[0, 2**32)``.
+
+    The host words (seed, iteration, layer) are folded on the host, so only the per-document
+    words cost device kernels.
+    """
+    h = 0
+    for w in prefix:
+        h = _mix32_int(h ^ _mix32_int((w & _MASK32) ^ 0x9E3779B9))
+    out = torch.full_like(words[0], h)
     for w in words:
-        h = _mix32(h ^ _mix32((w & _MASK32) ^ 0x9E3779B9))
-    return h
+        out = _mix32(out ^ _mix32((w & _MASK32) ^ 0x9E3779B9))
+    return out
 
 
 def sample_pool_sizes(
@@ -73,8 +89,9 @@ def sample_pool_sizes(
     if not 1 <= min_size <= max_size:
         raise ValueError(f"need 1 <= min_size ({min_size}) <= max_size ({max_size})")
     keys = doc_keys_D.to(torch.int64)
-    const = [torch.full_like(keys, v) for v in (seed, seed >> 32, iteration, iteration >> 32, layer)]
-    h = _hash_words([*const, keys, keys >> 32])
+    if min(seed, iteration, layer) < 0:
+        raise ValueError(f"seed ({seed}), iteration ({iteration}) and layer ({layer}) must be >= 0")
+    h = _hash_words([seed, seed >> 32, iteration, iteration >> 32, layer], [keys, keys >> 32])
     # Modulo bias is at most (max - min + 1) / 2**32: negligible.
     return min_size + torch.remainder(h, max_size - min_size + 1)
 
