@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     rows.append(("baseline imports", "-", wall, rss))
     wall, rss, _ = _stage(
         "import os, torch\n"
-        "from megatron_emo.conversion.hf_config import *\n"
+        "from megatron_emo.conversion.hf_config import EmoShape, copy_modeling_files, write_config\n"
         "from megatron_emo.conversion.hf_io import ShardWriter\n"
         "from megatron_emo.conversion.key_map import hf_shapes\n"
         f"shape = EmoShape(**{SHAPE!r})\n"

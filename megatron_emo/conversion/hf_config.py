@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 
-__all__ = ["EmoShape", "MODELING_DIR", "copy_modeling_files", "hf_config_dict", "shape_from_hf_config",
+__all__ = ["EmoShape", "MODELING_DIR", "copy_modeling_files", "hf_config_dict", "shape_from_hf_config", "write_config",
            "write_generation_config"]
 
 MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling")
