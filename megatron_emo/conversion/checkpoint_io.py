@@ -255,6 +255,8 @@ def megatron_args(shape: EmoShape, shared_layout: str, tp: int = 1, ep: int = 1,
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=ep,
         ckpt_format="torch_dist",
+        consumed_train_samples=0,
+        consumed_valid_samples=0,
         eos_token_id=shape.eos_token_id,
         pad_token_id=shape.pad_token_id,
     )
