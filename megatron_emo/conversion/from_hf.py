@@ -28,12 +28,24 @@ import torch
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.hf_config import shape_from_hf_config
 from megatron_emo.conversion.hf_io import HFWeights
-from megatron_emo.conversion.key_map import (SHARED_ROUTER_ROWS_KEY, expand_mappings, hf_shapes,
-                                             mcore_num_experts, to_mcore_tensor)
+from megatron_emo.conversion.key_map import (MCORE_ALIASES, SHARED_ROUTER_ROWS_KEY,
+                                             expand_mappings, hf_shapes, mcore_num_experts,
+                                             to_mcore_tensor)
 
 __all__ = ["import_from_hf"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _local_name(name: str) -> str:
+    """Maps a TE-spec parameter name (norm fused into the next linear) to the table's name."""
+    for te, local in MCORE_ALIASES.items():
+        prefix, suffix = te.split("{layer}")
+        if name.startswith(prefix) and name.endswith(suffix):
+            layer = name[len(prefix):len(name) - len(suffix)]
+            if layer.isdigit():
+                return local.format(layer=layer)
+    return name
 
 
 def check_parallel_layout(shape, shared_layout: str, tp: int, ep: int) -> None:
@@ -87,6 +99,8 @@ def import_from_hf(hf_dir: str, output_dir: str, *, tp: int = 1, ep: int = 1,
                                          perform_initialization=False)
     model = cio.build_model(config, shape)
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # Transformer Engine spec spelling of the fused norms -> local-spec names of the table.
+    params = {_local_name(k): v for k, v in params.items()}
     filled = set()
     shared_rows = {}
     with torch.no_grad():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_emo.conversion.hf_config import EmoShape, hf_config_dict, shape_from_hf_config
-from megatron_emo.conversion.key_map import (expand_mappings, hf_shapes, mcore_shape,
+from megatron_emo.conversion.key_map import (MCORE_ALIASES, expand_mappings, hf_shapes, mcore_shape,
                                              to_hf_tensors, to_mcore_tensor)
 
 EMO_1B14B = EmoShape(num_layers=16, hidden_size=2048, num_attention_heads=16,
@@ -116,3 +116,16 @@ def test_config_json_has_every_spec_field_and_reads_back():
     assert shape_from_hf_config(cfg) == EMO_1B14B
     pruned = dict(cfg, num_experts=16, num_experts_per_tok=8)
     assert shape_from_hf_config(pruned).num_routed_experts == 15
+
+
+def test_te_and_local_norm_spellings_share_storage_and_names():
+    from megatron_emo.conversion.checkpoint_io import storage_key
+    from megatron_emo.conversion.from_hf import _local_name
+
+    for te, local in MCORE_ALIASES.items():
+        assert storage_key(te.format(layer=3)) == storage_key(local.format(layer=3))
+        assert _local_name(te.format(layer=12)) == local.format(layer=12)
+    assert storage_key("decoder.layers.3.input_layernorm.weight") == (
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight", (3,))
+    assert storage_key("decoder.layers.5.mlp.experts.local_experts.100.linear_fc2.weight") == (
+        "decoder.layers.mlp.experts.experts.linear_fc2.weight", (5, 100))
