@@ -6,7 +6,8 @@ Stages run in separate subprocesses so each peak RSS is its own:
   2. from-hf: import it into a Megatron torch_dist checkpoint (builds the model once);
   3. to-hf: export it back, once per --shard-mb value, reported against the largest shard.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/bench_convert.py [--workdir /tmp/bench] [--shard-mb 128 512]
+Usage:
+  OMP_NUM_THREADS=1 python benchmarks/bench_convert.py [--workdir /tmp/bench] [--shard-mb 128 512]
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
     rows.append(("baseline imports", "-", wall, rss))
     wall, rss, _ = _stage(
         "import os, torch\n"
-        "from megatron_emo.conversion.hf_config import EmoShape, copy_modeling_files, write_config\n"
+        "from megatron_emo.conversion.hf_config import (EmoShape, copy_modeling_files,\n"
+        "    write_config)\n"
         "from megatron_emo.conversion.hf_io import ShardWriter\n"
         "from megatron_emo.conversion.key_map import hf_shapes\n"
         f"shape = EmoShape(**{SHAPE!r})\n"

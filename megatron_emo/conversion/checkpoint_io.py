@@ -54,7 +54,8 @@ def storage_key(mcore_name: str) -> tuple[str, tuple[int, ...]]:
     """torch_dist key and leading (layer[, expert]) index of a GPTModel parameter name."""
     m = _EXPERT_RE.match(mcore_name)
     if m:
-        return f"decoder.layers.mlp.experts.experts.{m.group(3)}", (int(m.group(1)), int(m.group(2)))
+        key = f"decoder.layers.mlp.experts.experts.{m.group(3)}"
+        return key, (int(m.group(1)), int(m.group(2)))
     m = _LAYER_RE.match(mcore_name)
     if m:
         sub = _NORM_STORAGE.get(m.group(2), m.group(2))

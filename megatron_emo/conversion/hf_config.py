@@ -10,8 +10,8 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 
-__all__ = ["EmoShape", "MODELING_DIR", "copy_modeling_files", "hf_config_dict", "shape_from_hf_config", "write_config",
-           "write_generation_config"]
+__all__ = ["EmoShape", "MODELING_DIR", "copy_modeling_files", "hf_config_dict",
+           "shape_from_hf_config", "write_config", "write_generation_config"]
 
 MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling")
 MODELING_FILES = ("configuration_emo.py", "modeling_emo.py")

@@ -59,13 +59,15 @@ LAYER_TEMPLATES = [
     ("decoder.layers.{layer}.input_layernorm.weight",
      ("model.layers.{layer}.pre_attention_layernorm.weight",), "copy"),
     ("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-     ("model.layers.{layer}.self_attn.q_proj.weight", "model.layers.{layer}.self_attn.k_proj.weight",
+     ("model.layers.{layer}.self_attn.q_proj.weight",
+      "model.layers.{layer}.self_attn.k_proj.weight",
       "model.layers.{layer}.self_attn.v_proj.weight"), "qkv"),
     ("decoder.layers.{layer}.self_attention.linear_proj.weight",
      ("model.layers.{layer}.self_attn.o_proj.weight",), "copy"),
     ("decoder.layers.{layer}.pre_mlp_layernorm.weight",
      ("model.layers.{layer}.pre_feedforward_layernorm.weight",), "copy"),
-    ("decoder.layers.{layer}.mlp.router.weight", ("model.layers.{layer}.mlp.gate.weight",), "router"),
+    ("decoder.layers.{layer}.mlp.router.weight",
+     ("model.layers.{layer}.mlp.gate.weight",), "router"),
 ]
 EXPERT_TEMPLATES = [
     ("decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight",

@@ -83,3 +83,21 @@ def test_pruned_config_and_loss(tmp_path):
     assert out.loss.isfinite() and out.aux_loss.isfinite()
     out.loss.backward()
     assert model.model.layers[1].mlp.gate.weight.grad is not None
+
+
+def test_left_padded_batch_generates_like_single_prompts(tmp_path):
+    write_hf_dir(tmp_path, random_hf_state_dict(seed=6))
+    model = _load(tmp_path)
+    gen = torch.Generator().manual_seed(7)
+    long, short = torch.randint(2, TINY.vocab_size, (1, 9), generator=gen), torch.randint(
+        2, TINY.vocab_size, (1, 5), generator=gen)
+    batch = torch.cat([long, torch.cat([torch.ones(1, 4, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, **kw)
+        alone_long = model.generate(long, **kw)
+        alone_short = model.generate(short, **kw)
+    assert torch.equal(both[0, 9:], alone_long[0, 9:])
+    assert torch.equal(both[1, 9:], alone_short[0, 5:])

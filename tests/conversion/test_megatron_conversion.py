@@ -204,3 +204,18 @@ def test_cli_dry_run_prints_mapping(tmp_path, capsys):
             "model.layers.1.mlp.experts.7.gate_proj.weight, "
             "model.layers.1.mlp.experts.7.up_proj.weight") in out
     assert "--qkv--> model.layers.0.self_attn.q_proj.weight" in out
+
+
+def test_bfloat16_import_and_export(tmp_path):
+    sd = random_hf_state_dict(seed=12)
+    write_hf_dir(tmp_path / "hf", sd)
+    import_from_hf(str(tmp_path / "hf"), str(tmp_path / "m"), dtype="bfloat16")
+    export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf2"))
+    back = _hf_tensors(tmp_path / "hf2")
+    # Export keeps stored dtypes; Megatron's torch RMSNorm keeps fp32 weights in a bf16 model.
+    assert all(torch.equal(back[k].to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in sd.items())
+    assert {k for k, v in back.items() if v.dtype != torch.bfloat16} == {
+        k for k in sd if k.endswith("norm.weight")}
+    assert json.load(open(tmp_path / "hf2" / "config.json"))["torch_dtype"] == "bfloat16"
+    export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf3"), dtype="float32")
+    assert _hf_tensors(tmp_path / "hf3")["lm_head.weight"].dtype == torch.float32

@@ -150,7 +150,8 @@ class EmoSparseMoeBlock(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            [EmoMLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)]
+            [EmoMLP(config.hidden_size, config.intermediate_size)
+             for _ in range(config.num_experts)]
         )
 
     def forward(self, hidden_states):
@@ -299,7 +300,8 @@ class EmoModel(EmoPreTrainedModel):
         )
 
 
-def load_balancing_loss(router_logits, num_experts_per_tok, num_shared_experts, attention_mask=None):
+def load_balancing_loss(router_logits, num_experts_per_tok, num_shared_experts,
+                        attention_mask=None):
     """Switch-style load-balancing loss over the routed (non-shared) experts, layer-averaged."""
     losses = []
     for logits in router_logits:
