@@ -219,3 +219,20 @@ def test_bfloat16_import_and_export(tmp_path):
     assert json.load(open(tmp_path / "hf2" / "config.json"))["torch_dtype"] == "bfloat16"
     export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf3"), dtype="float32")
     assert _hf_tensors(tmp_path / "hf3")["lm_head.weight"].dtype == torch.float32
+
+
+def test_export_refuses_unknown_checkpoint_tensors(tmp_path):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    model = build("router")
+    ckpt_dir = tmp_path / "m" / "iter_0000001"
+    os.makedirs(ckpt_dir)
+    stray = ShardedTensor.from_rank_offsets("decoder.layers.mlp.mystery.weight", torch.zeros(3),
+                                            replica_id=0)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "stray": stray,
+                             "args": cio.megatron_args(TINY, "router"),
+                             "checkpoint_version": 3.0, "iteration": 1}, str(ckpt_dir))
+    (tmp_path / "m" / cio.TRACKER_FILE).write_text("1")
+    with pytest.raises(ValueError, match=r"unknown keys in checkpoint.*mlp\.mystery\.weight"):
+        export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
