@@ -2,6 +2,7 @@
 
     python tools/convert_checkpoint.py to-hf CHECKPOINT_DIR OUTPUT_DIR [--dtype bfloat16]
         [--tokenizer DIR_OR_SPM_MODEL] [--max-shard-size-mb 2048] [--dry-run]
+        [--eos-token-id N] [--pad-token-id N]
     python tools/convert_checkpoint.py from-hf HF_DIR OUTPUT_CHECKPOINT_DIR [--tp N --ep N]
         [--shared-layout router|mlp] [--dtype bfloat16]
 """
@@ -26,6 +27,8 @@ def main(argv=None) -> None:
     to_hf.add_argument("--tokenizer", help="HF tokenizer directory or sentencepiece .model file")
     to_hf.add_argument("--max-shard-size-mb", type=int, default=2048)
     to_hf.add_argument("--dry-run", action="store_true", help="print the mapping, write nothing")
+    to_hf.add_argument("--eos-token-id", type=int, help="default: from args, else 100257")
+    to_hf.add_argument("--pad-token-id", type=int, help="default: from args, else 100277")
     from_hf = sub.add_parser("from-hf", help="HF -> Megatron torch_dist (weights only)")
     from_hf.add_argument("input")
     from_hf.add_argument("output")
@@ -39,7 +42,8 @@ def main(argv=None) -> None:
 
         index = export_to_hf(args.input, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                              max_shard_bytes=args.max_shard_size_mb * 1024**2,
-                             dry_run=args.dry_run)
+                             dry_run=args.dry_run, eos_token_id=args.eos_token_id,
+                             pad_token_id=args.pad_token_id)
         if not args.dry_run:
             print(f"wrote {len(set(index['weight_map'].values()))} shards, "
                   f"{index['metadata']['total_size']} bytes to {args.output}")

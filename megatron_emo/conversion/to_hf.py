@@ -7,6 +7,7 @@ keeps at most one output shard in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -55,7 +56,8 @@ def _check_stored(stored: dict, mappings, shape, layout: str) -> None:
 
 def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_bytes: int = 2 * 1024**3,
                  dtype: str | None = None, tokenizer: str | None = None, dry_run: bool = False,
-                 experts_per_load: int = 16, print_fn=print) -> dict:
+                 experts_per_load: int = 16, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, print_fn=print) -> dict:
     """Converts a Megatron checkpoint to an EMO HF directory.
 
     Args:
@@ -66,6 +68,8 @@ def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_bytes: int = 2 *
         tokenizer: HF tokenizer directory or sentencepiece ``.model`` file to copy.
         dry_run: print the mapping and the checks, write nothing.
         experts_per_load: experts loaded per read (bounds the read buffer).
+        eos_token_id: overrides the id taken from ``args`` (``eos_token_id``, else EMO's 100257).
+        pad_token_id: overrides the id taken from ``args`` (``pad_token_id``, else EMO's 100277).
 
     Returns:
         The ``model.safetensors.index.json`` content (empty dict on a dry run) plus
@@ -79,6 +83,10 @@ def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_bytes: int = 2 *
     if "args" not in common:
         raise ValueError(f"{ckpt_dir} has no 'args' in its common state")
     shape, layout = cio.shape_from_args(common["args"])
+    if eos_token_id is not None:
+        shape = dataclasses.replace(shape, eos_token_id=eos_token_id)
+    if pad_token_id is not None:
+        shape = dataclasses.replace(shape, pad_token_id=pad_token_id)
     shared_rows = common.get(SHARED_ROUTER_ROWS_KEY) or {}
     mappings = expand_mappings(shape, layout)
     stored = cio.stored_tensor_keys(ckpt_dir)

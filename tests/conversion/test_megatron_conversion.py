@@ -217,7 +217,10 @@ def test_bfloat16_import_and_export(tmp_path):
     assert {k for k, v in back.items() if v.dtype != torch.bfloat16} == {
         k for k in sd if k.endswith("norm.weight")}
     assert json.load(open(tmp_path / "hf2" / "config.json"))["torch_dtype"] == "bfloat16"
-    export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf3"), dtype="float32")
+    export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf3"), dtype="float32", eos_token_id=7,
+                 pad_token_id=9)
+    gen_cfg = json.load(open(tmp_path / "hf3" / "generation_config.json"))
+    assert (gen_cfg["eos_token_id"], gen_cfg["pad_token_id"]) == (7, 9)
     assert _hf_tensors(tmp_path / "hf3")["lm_head.weight"].dtype == torch.float32
 
 
