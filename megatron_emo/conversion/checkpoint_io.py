@@ -1,0 +1,352 @@
+"""Megatron side of the conversion: torch_dist checkpoint layout, args, models, slice loads.
+
+A checkpoint directory is what ``megatron/training/checkpointing.py`` writes:
+``latest_checkpointed_iteration.txt`` (an iteration number or ``release``) and
+``iter_XXXXXXX/`` (or ``release/``), a ``dist_checkpointing`` directory whose common state holds
+``args`` (an ``argparse.Namespace``), ``checkpoint_version`` and ``iteration``, and whose sharded
+state holds the model (``model.sharded_state_dict()``). In torch_dist every per-layer tensor is
+stored once for all layers (key ``decoder.layers.<sub>``, leading axis = global layer) and every
+expert tensor once for all layers and **global** experts (``decoder.layers.mlp.experts.experts.
+<sub>``, leading axes = (layer, expert)); TP shards are stored at their global offsets (fused QKV
+keeps Megatron's per-group layout, SwiGLU fc1 is stored as cat(gate, up) of the full matrices), so
+the stored layout does not depend on the TP / PP / EP layout it was saved with. Norm weights are
+stored under the Transformer Engine spelling (``linear_qkv.layer_norm_weight``) by both specs.
+
+Only this module, ``to_hf`` and ``from_hf`` import megatron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from megatron_emo.conversion.hf_config import EmoShape
+from megatron_emo.conversion.key_map import mcore_num_experts
+
+__all__ = [
+    "TRACKER_FILE",
+    "ensure_process_group",
+    "load_slices",
+    "mcore_config_from_shape",
+    "megatron_args",
+    "resolve_checkpoint_dir",
+    "save_megatron_checkpoint",
+    "shape_from_args",
+    "storage_key",
+    "stored_tensor_keys",
+]
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+_EXPERT_RE = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_NORM_STORAGE = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def storage_key(mcore_name: str) -> tuple[str, tuple[int, ...]]:
+    """torch_dist key and leading (layer[, expert]) index of a GPTModel parameter name."""
+    m = _EXPERT_RE.match(mcore_name)
+    if m:
+        key = f"decoder.layers.mlp.experts.experts.{m.group(3)}"
+        return key, (int(m.group(1)), int(m.group(2)))
+    m = _LAYER_RE.match(mcore_name)
+    if m:
+        sub = _NORM_STORAGE.get(m.group(2), m.group(2))
+        return f"decoder.layers.{sub}", (int(m.group(1)),)
+    return mcore_name, ()
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """The dist_checkpointing directory of a Megatron checkpoint (tracker file or direct)."""
+    tracker = os.path.join(path, TRACKER_FILE)
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        sub = "release" if text == "release" else f"iter_{int(text):07d}"
+        path = os.path.join(path, sub)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise FileNotFoundError(
+            f"{path} is not a torch_dist checkpoint (no metadata.json); pass the directory that "
+            f"holds {TRACKER_FILE} or an iter_XXXXXXX directory"
+        )
+    return path
+
+
+def ensure_process_group() -> None:
+    """dist_checkpointing needs a process group: a 1-rank gloo group when none exists."""
+    if dist.is_initialized():
+        return
+    from megatron_emo.mcore.cpu_backend import enable_cpu_backend
+
+    if not torch.cuda.is_available():
+        enable_cpu_backend()  # torch.cuda.synchronize in filesystem_async.py:248
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def stored_tensor_keys(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Tensor keys of a torch_dist checkpoint with their global shapes and dtypes."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = _metadata(ckpt_dir)
+    return {
+        k: (tuple(v.size), v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+
+
+def load_slices(ckpt_dir: str, names: list[str], stored: dict) -> dict[str, torch.Tensor]:
+    """Loads only the slices of ``names`` (GPTModel parameter names, global expert ids).
+
+    Reads the torch_dist (PyTorch DCP) storage directly: for each requested (layer[, expert])
+    slice, only the saved chunks that intersect it are read from the ``.distcp`` files, whatever
+    TP / PP / EP layout wrote them.
+    """
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    md = _metadata(ckpt_dir)
+    out = {}
+    for name in names:
+        key, index = storage_key(name)
+        if key not in stored:
+            raise KeyError(f"checkpoint {ckpt_dir} has no tensor {key} (needed for {name})")
+        gshape, dtype = stored[key]
+        for axis, i in enumerate(index):
+            if i >= gshape[axis]:
+                raise KeyError(
+                    f"checkpoint tensor {key} has {gshape[axis]} entries on axis {axis}; "
+                    f"{name} needs index {i} (missing layer or expert)"
+                )
+        n = len(index)
+        buf = torch.empty(gshape[n:], dtype=dtype)
+        covered = 0
+        for chunk in md.state_dict_metadata[key].chunks:
+            off, size = tuple(chunk.offsets), tuple(chunk.sizes)
+            if not all(off[a] <= index[a] < off[a] + size[a] for a in range(n)):
+                continue
+            info = md.storage_data[MetadataIndex(key, chunk.offsets)]
+            t = _read_chunk(ckpt_dir, info)
+            sub = t[tuple(index[a] - off[a] for a in range(n))]
+            region = tuple(slice(o, o + s) for o, s in zip(off[n:], size[n:]))
+            buf[region] = sub
+            covered += sub.numel()
+        if covered != buf.numel():
+            raise ValueError(f"checkpoint chunks of {key} cover {covered} of {buf.numel()} "
+                             f"elements of {name}")
+        out[name] = buf
+    return out
+
+
+_MD_CACHE: dict[str, object] = {}
+
+
+def _metadata(ckpt_dir: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = os.path.abspath(ckpt_dir)
+    key = f"{path}:{os.stat(os.path.join(path, '.metadata')).st_mtime_ns}"
+    if key not in _MD_CACHE:
+        _MD_CACHE.clear()
+        _MD_CACHE[key] = FileSystemReader(ckpt_dir).read_metadata()
+    return _MD_CACHE[key]
+
+
+def _read_chunk(ckpt_dir: str, info) -> torch.Tensor:
+    """One saved chunk (a ``torch.save``d tensor inside a ``.distcp`` file)."""
+    import io
+
+    if getattr(info, "transform_descriptors", None):
+        raise ValueError(f"compressed torch_dist chunks are not supported: {info}")
+    with open(os.path.join(ckpt_dir, info.relative_path), "rb") as f:
+        f.seek(info.offset)
+        data = f.read(info.length)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def shape_from_args(args) -> tuple[EmoShape, str]:
+    """HF shape and Megatron shared-expert layout from a checkpoint's ``args``."""
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    heads = g("num_attention_heads")
+    groups = g("num_query_groups") if g("group_query_attention", False) else heads
+    groups = groups or heads
+    num_experts = g("num_experts")
+    if not num_experts:
+        raise ValueError("checkpoint args have no num_experts: not an MoE model")
+    shared_mlp = g("moe_shared_expert_intermediate_size")
+    emo_shared = g("emo_num_shared_experts", 0) or 0
+    ffn = g("moe_ffn_hidden_size") or g("ffn_hidden_size")
+    if shared_mlp:
+        if emo_shared:
+            raise ValueError("checkpoint args set both moe_shared_expert_intermediate_size and "
+                             "emo_num_shared_experts")
+        if shared_mlp != ffn:
+            raise ValueError(
+                f"moe_shared_expert_intermediate_size ({shared_mlp}) must equal the expert "
+                f"hidden size ({ffn}) to become one HF expert"
+            )
+        layout, hf_experts, shared, topk = "mlp", num_experts + 1, 1, g("moe_router_topk") + 1
+    else:
+        layout, hf_experts, shared, topk = "router", num_experts, emo_shared, g("moe_router_topk")
+    for flag, want in (("swiglu", True), ("add_bias_linear", False),
+                       ("untie_embeddings_and_output_weights", True)):
+        if hasattr(args, flag) and bool(getattr(args, flag)) != want:
+            raise ValueError(f"checkpoint args {flag}={getattr(args, flag)!r}; EMO HF needs {want}")
+    if g("normalization", "RMSNorm") != "RMSNorm":
+        raise ValueError(f"checkpoint args normalization={g('normalization')!r}; EMO needs RMSNorm")
+    shape = EmoShape(
+        num_layers=g("num_layers"),
+        hidden_size=g("hidden_size"),
+        num_attention_heads=heads,
+        num_key_value_heads=groups,
+        head_dim=g("kv_channels") or g("hidden_size") // heads,
+        intermediate_size=ffn,
+        num_experts=hf_experts,
+        num_shared_experts=shared,
+        num_experts_per_tok=topk,
+        vocab_size=g("padded_vocab_size") or g("vocab_size"),
+        max_position_embeddings=g("max_position_embeddings") or g("seq_length") or 4096,
+        rope_theta=float(g("rotary_base", 10000)),
+        rms_norm_eps=g("norm_epsilon", 1e-5),
+        eos_token_id=g("emo_eod_token_id", g("eos_token_id", 100257)),
+        pad_token_id=g("pad_token_id", 100277),
+    )
+    return shape, layout
+
+
+def megatron_args(shape: EmoShape, shared_layout: str, tp: int = 1, ep: int = 1,
+                  **extra) -> argparse.Namespace:
+    """The ``args`` namespace stored in a checkpoint's common state (megatron.training names)."""
+    n_mcore = mcore_num_experts(shape, shared_layout)
+    a = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.intermediate_size,
+        num_attention_heads=shape.num_attention_heads,
+        group_query_attention=shape.num_key_value_heads != shape.num_attention_heads,
+        num_query_groups=shape.num_key_value_heads,
+        kv_channels=shape.head_dim,
+        num_experts=n_mcore,
+        moe_ffn_hidden_size=shape.intermediate_size,
+        moe_router_topk=shape.num_experts_per_tok - (1 if shared_layout == "mlp" else 0),
+        moe_shared_expert_intermediate_size=(
+            shape.intermediate_size if shared_layout == "mlp" else None),
+        emo_num_shared_experts=shape.num_shared_experts if shared_layout == "router" else 0,
+        padded_vocab_size=shape.vocab_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        seq_length=shape.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=shape.rope_theta,
+        normalization="RMSNorm",
+        norm_epsilon=shape.rms_norm_eps,
+        swiglu=True,
+        add_bias_linear=False,
+        untie_embeddings_and_output_weights=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=ep,
+        ckpt_format="torch_dist",
+        consumed_train_samples=0,
+        consumed_valid_samples=0,
+        eos_token_id=shape.eos_token_id,
+        pad_token_id=shape.pad_token_id,
+    )
+    a.update(extra)
+    return argparse.Namespace(**a)
+
+
+def mcore_config_from_shape(shape: EmoShape, shared_layout: str, **overrides):
+    """An ``EMOTransformerConfig`` (pools off: ``emo_routing='standard'``) for CPU model builds."""
+    from megatron_emo.mcore import EMOTransformerConfig
+
+    kw = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_key_value_heads,
+        kv_channels=shape.head_dim,
+        ffn_hidden_size=shape.intermediate_size,
+        num_moe_experts=mcore_num_experts(shape, shared_layout),
+        moe_ffn_hidden_size=shape.intermediate_size,
+        moe_router_topk=shape.num_experts_per_tok - (1 if shared_layout == "mlp" else 0),
+        emo_num_shared_experts=shape.num_shared_experts if shared_layout == "router" else 0,
+        moe_shared_expert_intermediate_size=(
+            shape.intermediate_size if shared_layout == "mlp" else None),
+        emo_routing="standard",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.rms_norm_eps,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        moe_permute_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+    kw.update(overrides)
+    return EMOTransformerConfig(**kw)
+
+
+def build_model(config, shape: EmoShape):
+    """GPTModel with the EMO local spec on the CPU backend (needs model-parallel state)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.moe import moe_logging
+
+    from megatron_emo.mcore import get_emo_layer_spec
+    from megatron_emo.mcore.cpu_backend import adapt_model_for_cpu
+
+    moe_logging.destroy_moe_metrics_tracker()
+    spec = get_emo_layer_spec(config, use_transformer_engine=False)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta),
+        share_embeddings_and_output_weights=False,
+    )
+    return adapt_model_for_cpu(model)
+
+
+def save_megatron_checkpoint(model, out_dir: str, args, iteration: int | None = None,
+                             extra_common: dict | None = None) -> str:
+    """Saves ``model`` as megatron.training does (``release`` when ``iteration`` is None).
+
+    Returns:
+        The dist_checkpointing directory written.
+    """
+    from megatron.core import dist_checkpointing
+
+    sub = "release" if iteration is None else f"iter_{iteration:07d}"
+    ckpt_dir = os.path.join(out_dir, sub)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    state = {
+        "model": model.sharded_state_dict(),
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": 0 if iteration is None else iteration,
+    }
+    state.update(extra_common or {})
+    dist_checkpointing.save(state, ckpt_dir)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(out_dir, TRACKER_FILE), "w") as f:
+            f.write("release" if iteration is None else str(iteration))
+    return ckpt_dir
