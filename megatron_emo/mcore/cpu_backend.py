@@ -48,6 +48,7 @@ __all__ = [
     "CPURotaryEmbedding",
     "adapt_model_for_cpu",
     "enable_cpu_backend",
+    "enable_cpu_training",
     "initialize_model_parallel_cpu",
 ]
 
@@ -151,6 +152,7 @@ def enable_cpu_backend() -> None:
 def initialize_model_parallel_cpu(
     *,
     tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
     expert_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
     seed: int = 1234,
@@ -162,6 +164,7 @@ def initialize_model_parallel_cpu(
 
     Args:
         tensor_model_parallel_size: TP size.
+        pipeline_model_parallel_size: PP size.
         expert_model_parallel_size: EP size.
         context_parallel_size: CP size.
         seed: model seed (Megatron's offsets: +2718 + tp_rank for TP, +1024 + 100 * ep_rank +
@@ -171,6 +174,7 @@ def initialize_model_parallel_cpu(
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         context_parallel_size=context_parallel_size,
     )
@@ -203,3 +207,142 @@ def adapt_model_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
         if type(dispatcher) is MoEAlltoAllTokenDispatcher:
             dispatcher.__class__ = CPUAlltoAllTokenDispatcher
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Training shim: what ``megatron.training.pretrain()`` additionally needs on CPU (--cpu runs).
+# --------------------------------------------------------------------------------------------
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCPUMode(torch.overrides.TorchFunctionMode):
+    """Rewrites CUDA placement to the host for torch functions called by megatron.training.
+
+    Covers ``device='cuda'``/``device=<int>`` factory arguments (``optimizer.py:1249``,
+    ``training.py:2613/2884``, ``rerun_state_machine.py:268/979``, ``common_utils.py:285/308``,
+    ``checkpointing.py:375/417``, ``schedules.py:749``, ``utils.py:1332``), ``Tensor.cuda()``
+    and ``Tensor.to('cuda')`` (``training.py:4587``), ``pin_memory()`` and ``record_stream()``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name == "cuda" and args and torch.is_tensor(args[0]):
+            return args[0]
+        if name in ("pin_memory",) and args and torch.is_tensor(args[0]):
+            return args[0]
+        if name == "record_stream":
+            return None
+        if name == "is_pinned":
+            return False
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if name == "to" and args and torch.is_tensor(args[0]):
+            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+class _NoOpStream:
+    """Stands in for ``torch.cuda.Stream``/``Event`` (``training.py:1876-1896``, ``timers.py``)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        return None
+
+    def wait_event(self, *args, **kwargs) -> None:
+        return None
+
+    def record_event(self, *args, **kwargs) -> "_NoOpStream":
+        return self
+
+    def record(self, *args, **kwargs) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+def _caller_scoped_cuda_is_available(real_is_available):
+    """``torch.cuda.is_available`` that answers True only to ``initialize.py:66``'s assert."""
+    import sys
+
+    def is_available() -> bool:
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "initialize_megatron" and caller.f_code.co_filename.endswith(
+            "megatron/training/initialize.py"
+        ):
+            return True
+        return real_is_available()
+
+    return is_available
+
+
+_TRAINING_SHIM: _CudaToCPUMode | None = None
+
+
+def enable_cpu_training() -> None:
+    """Installs the CPU backend plus the shim ``megatron.training.pretrain()`` needs (idempotent).
+
+    On top of ``enable_cpu_backend()`` (``cpu_megatron.md`` section 4, about 45 CUDA sites in
+    megatron.training, none with a subclass seam):
+
+    * ``torch.cuda.{Stream, Event, current_stream, stream, set_device, get_rng_state,
+      set_rng_state, memory_*}`` become host no-ops/equivalents (``training.py:1876-1896`` DDP
+      init stream, ``timers.py:152/165/303``, ``checkpointing.py:375/417/2665`` RNG states).
+    * ``tensor_parallel/random.py:104/135`` ``_get/_set_cuda_rng_state`` use the CPU generator.
+    * ``torch.nn.Module.cuda`` returns the module (``training.py:1818``).
+    * A ``TorchFunctionMode`` maps CUDA placement to the host (see ``_CudaToCPUMode``).
+    * ``torch.cuda.is_available`` answers True only to ``initialize.py:66`` (faking it globally
+      breaks dynamo/inductor).
+
+    Not patchable: gradient clipping (``clip_grads.py:174`` checks the CUDA tensor type), the
+    distributed optimizer (``distrib_optimizer.py:477``) and the bf16/fp16 mixed-precision
+    optimizer; ``megatron_emo.training.arguments`` refuses them with ``--cpu``.
+    """
+    global _TRAINING_SHIM
+    enable_cpu_backend()
+    if _TRAINING_SHIM is not None:
+        return
+    cuda = torch.cuda
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpStream
+    cuda.current_stream = lambda *a, **k: _NoOpStream()
+    cuda.default_stream = lambda *a, **k: _NoOpStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.set_device = lambda *a, **k: None
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.get_rng_state_all = lambda: [torch.get_rng_state()]
+    cuda.set_rng_state_all = lambda states: None
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(cuda, name, lambda *a, **k: 0)
+    cuda.memory_stats = lambda *a, **k: {}
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.is_available = _caller_scoped_cuda_is_available(cuda.is_available)
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.nn.Module.cuda = lambda self, device=None: self
+    _TRAINING_SHIM = _CudaToCPUMode()
+    _TRAINING_SHIM.__enter__()

@@ -27,6 +27,7 @@ from megatron_emo.routing import (
     expert_load,
     load_balancing_loss,
     route_within_pools,
+    routing_metrics,
     sample_pool_sizes,
     z_loss,
 )
@@ -76,6 +77,10 @@ class EMORouter(TopKRouter):
         # buffer, so Megatron's Float16Module cannot cast the counts to bf16.
         self._step_load_R1: torch.Tensor | None = None
         self._step_load_iteration: int | None = None
+        # Routing diagnostics summed over the micro-batches that asked for them
+        # (DocumentBatch.collect_metrics); read and reset by megatron_emo.training.metrics.
+        self.routing_metric_sums: dict[str, torch.Tensor] = {}
+        self.routing_metric_count = 0
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Router logits; the weights follow the input's device (Megatron moves them to CUDA)."""
@@ -150,6 +155,8 @@ class EMORouter(TopKRouter):
         valid_T = None if padding_mask is None else ~padding_mask.reshape(-1)
         routed_logits_TR = logits_TE[:, : self.num_routed_experts]
 
+        docs = current_documents()
+        collect_metrics = docs is not None and docs.collect_metrics
         if self.config.emo_routing == "emo":
             doc_ids_T, pool_sizes_D = self._document_ids_and_pools(seq_length, bsz, logits.device)
             in_pool_TR = document_pool_mask(
@@ -157,6 +164,11 @@ class EMORouter(TopKRouter):
             )
         else:
             in_pool_TR = torch.ones_like(routed_logits_TR, dtype=torch.bool)
+            if collect_metrics:
+                doc_ids_T, _ = self._document_ids_and_pools(seq_length, bsz, logits.device)
+                pool_sizes_D = torch.full(
+                    (docs.num_docs,), self.num_routed_experts, device=logits.device
+                )
 
         with_losses = self.training and torch.is_grad_enabled()
         if with_losses and self.z_coeff > 0:
@@ -178,6 +190,10 @@ class EMORouter(TopKRouter):
             scaling_factor=self.config.moe_router_topk_scaling_factor,
         )
         probs, routing_map = result.probs, result.routing_map
+        if collect_metrics:
+            self._record_metrics(
+                routing_metrics(result.scores, result.routed_map, in_pool_TR, doc_ids_T, pool_sizes_D)
+            )
 
         if self.config.moe_expert_capacity_factor is not None:
             probs, routing_map = apply_router_token_dropping(
@@ -208,6 +224,14 @@ class EMORouter(TopKRouter):
 
         self._apply_expert_bias(routing_map, padding_mask=None if valid_T is None else ~valid_T)
         return probs, routing_map
+
+    def _record_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Adds one micro-batch's routing diagnostics to the running sums (no host sync)."""
+        for name, value in metrics.items():
+            value = value.detach()
+            prev = self.routing_metric_sums.get(name)
+            self.routing_metric_sums[name] = value if prev is None else prev + value
+        self.routing_metric_count += 1
 
     def _accumulate_step_load(self, load_R1: torch.Tensor) -> torch.Tensor:
         """Adds a micro-batch's expert load to the step's running load and returns the total."""

@@ -1,0 +1,102 @@
+"""Train an EMO MoE language model with ``megatron.training.pretrain``.
+
+Megatron's own flags keep their meaning; the ``--emo-*`` flags configure the router and
+``--cpu`` runs the same loop on CPU with gloo. Run::
+
+    torchrun --nproc-per-node 8 -m megatron_emo.train <Megatron flags> <--emo-* flags>
+    python -m megatron_emo.train --cpu --transformer-impl local --clip-grad 0 ...   # CPU smoke
+
+Megatron symbols: ``training.pretrain``, ``training.arguments.parse_and_validate_args``,
+``training.argument_utils.pretrain_cfg_container_from_args``, ``core.enums.ModelType``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+
+def _transformer_engine_importable() -> bool:
+    try:  # GPU-only dependency: imported lazily, never at module import time.
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 (a broken TE install raises more than ImportError)
+        return False
+    return True
+
+
+def _init_cpu_distributed(args) -> None:
+    """gloo process group and model-parallel state for ``--cpu`` (Megatron skips mpu on CPU:
+    ``initialize.py:358`` and seeds no RNG tracker: ``initialize.py:447``)."""
+    from megatron_emo.mcore.cpu_backend import enable_cpu_training, initialize_model_parallel_cpu
+
+    enable_cpu_training()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        torch.distributed.init_process_group(
+            "gloo", rank=args.rank, world_size=args.world_size
+        )
+    initialize_model_parallel_cpu(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses Megatron + EMO flags, checks them, and runs ``pretrain()``.
+
+    Args:
+        argv: command-line arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_emo.training.arguments import add_emo_args, validate_emo_args
+    from megatron_emo.training.compat import use_prebuilt_dataset_helpers
+    from megatron_emo.training.model_provider import emo_config_from_args, model_provider
+    from megatron_emo.training.step import (
+        flush_routing_metrics,
+        forward_step,
+        train_valid_test_datasets_provider,
+    )
+
+    args = parse_and_validate_args(extra_args_provider=add_emo_args)
+    validate_emo_args(args, te_available=_transformer_engine_importable())
+    emo_config_from_args(args)  # EMOTransformerConfig's checks, before any process group exists
+    use_prebuilt_dataset_helpers()
+    if args.cpu:
+        _init_cpu_distributed(args)
+
+    built_models: list[torch.nn.Module] = []
+
+    def provider(*a, **kw):
+        model = model_provider(*a, **kw)
+        built_models.append(model)
+        return model
+
+    with warnings.catch_warnings():
+        # We pass a model provider on purpose (the EMO spec and CPU classes need it).
+        warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
+        cfg = pretrain_cfg_container_from_args(args)
+    pretrain(
+        cfg,
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=provider,
+    )
+    flush_routing_metrics(built_models)  # the last logging step's diagnostics
+
+
+if __name__ == "__main__":
+    main()
