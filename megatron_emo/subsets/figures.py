@@ -22,8 +22,8 @@ def _usage_figure(report: dict, key: str, title: str, path: str) -> None:
 
     plt = _plt()
     domains, n_layers = report["domains"], report["num_layers"]
-    fig, axes = plt.subplots(n_layers, 1, figsize=(10, 0.9 + n_layers * (0.35 * len(domains) + 0.8)),
-                             squeeze=False)
+    height = 0.9 + n_layers * (0.35 * len(domains) + 0.8)
+    fig, axes = plt.subplots(n_layers, 1, figsize=(10, height), squeeze=False)
     for layer in range(n_layers):
         ax = axes[layer][0]
         data = np.array([report[key][d][layer] for d in domains])

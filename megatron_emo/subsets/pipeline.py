@@ -82,6 +82,10 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
         log(f"wrote {hf_out}: num_experts {new_cfg['num_experts']}, num_experts_per_tok "
             f"{new_cfg['num_experts_per_tok']}, num_experts_per_layer "
             f"{new_cfg['num_experts_per_layer']}")
+        if new_cfg["num_experts_per_tok"] < cfg["num_experts_per_tok"]:
+            log(f"NOTE: keep_k {max(keeps)} is below num_experts_per_tok "
+                f"{cfg['num_experts_per_tok']}: the subset routes every token to all "
+                f"{new_cfg['num_experts_per_tok']} kept experts (spec 4.4)")
         if megatron:
             path = export_megatron_subset(hf_out, os.path.join(output_dir, "megatron"), ep=ep)
             log(f"wrote Megatron checkpoint {path} (EP {ep} divides {keeps[0]} experts)")

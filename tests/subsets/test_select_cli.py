@@ -134,7 +134,8 @@ def test_text_examples_and_per_layer_counts(tmp_path, tiny_hf_dir, capsys):
                          str(tmp_path / "k")])
     a = json.load(open(tmp_path / "t" / "selection.json"))
     b = json.load(open(tmp_path / "k" / "selection.json"))
-    assert a["num_tokens"] == len(ids) and a["experts_kept_per_layer"] == b["experts_kept_per_layer"]
+    assert a["num_tokens"] == len(ids)
+    assert a["experts_kept_per_layer"] == b["experts_kept_per_layer"]
     assert not os.path.exists(tmp_path / "t" / "megatron")
     assert os.path.isfile(tmp_path / "t" / "hf" / "tokenizer.json")
     cfg = json.load(open(tmp_path / "t" / "hf" / "config.json"))

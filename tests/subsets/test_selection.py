@@ -31,6 +31,10 @@ def _examples(n=5, seed=0):
                           generator=gen).tolist() for _ in range(n)]
 
 
+def _f64(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def _hand_scores(model, examples):
     """Mean split-softmax routed probability per layer from the model's returned gate logits."""
     sums, count = None, 0
@@ -54,7 +58,7 @@ def test_global_keeps_top_mean_probability_experts(model):
     sel = select_experts(model, ex, 4, method="global")
     hand = _hand_scores(model, ex)
     for layer in range(2):
-        torch.testing.assert_close(torch.tensor(sel.scores_per_layer[layer], dtype=torch.float64), hand[layer].double(),
+        torch.testing.assert_close(_f64(sel.scores_per_layer[layer]), hand[layer].double(),
                                    atol=1e-6, rtol=0)
         want = sorted(hand[layer].argsort(descending=True)[:3].tolist()) + [E - 1]
         assert sel.experts_kept_per_layer[layer] == want
@@ -71,8 +75,8 @@ def test_greedy_scores_layer_on_pruned_prefix(model):
     prefix = prune_hf_model(copy.deepcopy(model), [greedy.experts_kept_per_layer[0],
                                                    list(range(E))])
     hand = _hand_scores(prefix, ex)
-    torch.testing.assert_close(torch.tensor(greedy.scores_per_layer[1], dtype=torch.float64), hand[1].double(),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(_f64(greedy.scores_per_layer[1]), hand[1].double(), atol=1e-6,
+                               rtol=0)
     want = sorted(hand[1].argsort(descending=True)[:2].tolist()) + [E - 1]
     assert greedy.experts_kept_per_layer[1] == want
 
@@ -100,7 +104,8 @@ def test_per_layer_keep_lists(model):
     assert all(k[-1] == E - 1 for k in sel.experts_kept_per_layer)
 
 
-@pytest.mark.parametrize("keeps", [[4, 4], [2, 2], [3, 6]], ids=["keep4", "below_topk", "per_layer"])
+@pytest.mark.parametrize("keeps", [[4, 4], [2, 2], [3, 6]],
+                         ids=["keep4", "below_topk", "per_layer"])
 def test_pruned_dir_equals_masked_full_model(tmp_path, tiny_hf_dir, model, keeps):
     from transformers import AutoModelForCausalLM
 
