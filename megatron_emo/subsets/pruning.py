@@ -129,7 +129,9 @@ def prune_hf_dir(src_dir: str, out_dir: str, experts_kept_per_layer: Sequence[Se
         src_dir: the EMO HF directory (full or already pruned).
         out_dir: the pruned HF directory (created).
         experts_kept_per_layer: kept expert ids per layer (ascending, shared experts last).
-        metadata: extra ``pruning_metadata.json`` fields (method, examples, ...).
+        metadata: extra ``pruning_metadata.json`` fields (method, examples, ...). Its
+            ``experts_kept_per_layer`` holds indices of the original model (composed with the
+            source's own ``pruning_metadata.json`` when the source is already a subset).
         max_shard_bytes: largest safetensors shard.
 
     Returns:
@@ -166,9 +168,21 @@ def prune_hf_dir(src_dir: str, out_dir: str, experts_kept_per_layer: Sequence[Se
     for name in ("generation_config.json",) + TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src_dir, name)):
             shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    kept_ids = [list(map(int, k)) for k in experts_kept_per_layer]
+    src_meta_path = os.path.join(src_dir, "pruning_metadata.json")
+    src_meta = json.load(open(src_meta_path)) if os.path.isfile(src_meta_path) else None
+    if src_meta and src_meta.get("experts_kept_per_layer"):
+        # Re-pruning a subset: record indices of the original (unpruned) model.
+        prev = src_meta["experts_kept_per_layer"]
+        original = [[prev[layer][j] for j in ids] for layer, ids in enumerate(kept_ids)]
+        counts_original = src_meta.get("num_experts_per_layer_original", counts)
+    else:
+        original, counts_original = kept_ids, counts
     meta = {
-        "experts_kept_per_layer": [list(map(int, k)) for k in experts_kept_per_layer],
-        "num_experts_per_layer_original": counts,
+        "experts_kept_per_layer": original,
+        "experts_kept_per_layer_of_source": kept_ids,
+        "num_experts_per_layer_source": counts,
+        "num_experts_per_layer_original": counts_original,
         "num_experts_kept_per_layer": [len(k) for k in experts_kept_per_layer],
         "num_shared_experts": num_shared,
         "num_experts_per_tok": new_cfg["num_experts_per_tok"],

@@ -129,3 +129,17 @@ def test_pruned_dir_equals_masked_full_model(tmp_path, tiny_hf_dir, model, keeps
     assert (got - masked).abs().max() <= 1e-5
     assert (in_memory - masked).abs().max() <= 1e-5
     assert (full - masked).abs().max() > 1e-3  # the subset does change the model
+
+
+def test_repruning_records_original_indices(tmp_path, tiny_hf_dir):
+    first = [[0, 2, 3, 5, 7], [1, 2, 4, 6, 7]]
+    prune_hf_dir(tiny_hf_dir, str(tmp_path / "a"), first)
+    prune_hf_dir(str(tmp_path / "a"), str(tmp_path / "b"), [[1, 3, 4], [0, 2, 4]])
+    meta = json.load(open(tmp_path / "b" / "pruning_metadata.json"))
+    assert meta["experts_kept_per_layer"] == [[2, 5, 7], [1, 4, 7]]
+    assert meta["experts_kept_per_layer_of_source"] == [[1, 3, 4], [0, 2, 4]]
+    assert meta["num_experts_per_layer_original"] == [8, 8]
+    full, twice = load_hf_model(tiny_hf_dir), load_hf_model(str(tmp_path / "b"))
+    tokens = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), mask_experts(full, meta["experts_kept_per_layer"]):
+        assert (full(tokens).logits - twice(tokens).logits).abs().max() <= 1e-5
