@@ -127,3 +127,22 @@ def test_greedy_report_and_bad_corpora(tmp_path, tiny_hf_dir):
     with pytest.raises(ValueError, match="corpus file .*missing.bin is missing"):
         build_modularity_report(tiny_hf_dir, str(tmp_path / "missing"), str(tmp_path / "w"),
                                 log=lambda m: None)
+
+
+def test_megatron_checkpoint_input_matches_hf(tmp_path, tiny_hf_dir, megatron_cpu):
+    from megatron_emo.conversion.from_hf import import_from_hf
+    from megatron_emo.subsets.report import build_modularity_report
+
+    prefix = str(tmp_path / "c_text_document")
+    write_corpus(prefix, docs_per_domain=2)
+    import_from_hf(tiny_hf_dir, str(tmp_path / "m"))
+    msgs = []
+    a = build_modularity_report(str(tmp_path / "m"), prefix, str(tmp_path / "a"), fractions=[0.5],
+                                log=msgs.append)
+    b = build_modularity_report(tiny_hf_dir, prefix, str(tmp_path / "b"), fractions=[0.5],
+                                log=lambda m: None)
+    assert any("exporting it to HF" in m for m in msgs)
+    for d in a["domains"]:
+        assert a["losses"][d]["full_loss"] == pytest.approx(b["losses"][d]["full_loss"], abs=1e-6)
+        torch.testing.assert_close(torch.tensor(a["usage_mean_prob"][d]),
+                                   torch.tensor(b["usage_mean_prob"][d]), atol=1e-6, rtol=0)

@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 import select_experts  # noqa: E402
 
+from megatron_emo.subsets import Selection  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
 
@@ -46,6 +48,7 @@ def test_hf_input_writes_pruned_hf_and_trainable_megatron(tmp_path, tiny_hf_dir,
     select_experts.main([tiny_hf_dir, ex, "--keep", "4", "--output", str(out), "--ep", "2",
                          "--method", "global"])
     sel = json.load(open(out / "selection.json"))
+    assert Selection.load(str(out / "selection.json")).to_dict() == sel
     assert sel["method"] == "global" and sel["keep_k"] == 4 and sel["num_examples"] == 4
     assert sel["num_tokens"] == 48 and len(sel["examples_sha256"]) == 64
     assert sel["source_checkpoint"] == os.path.abspath(tiny_hf_dir)
