@@ -3,6 +3,7 @@
     python tools/select_experts.py CHECKPOINT EXAMPLES.jsonl --keep 16 --output DIR
         [--method greedy-layerwise|global] [--keep-per-layer 16,16,...] [--ep 1]
         [--no-megatron] [--tokenizer DIR_OR_SPM_MODEL] [--batch-size 8]
+        [--device cuda] [--dtype float32]
 
 CHECKPOINT is an EMO HF directory or a Megatron torch_dist checkpoint (exported to HF first).
 EXAMPLES.jsonl holds ``{"text": ...}`` (tokenised with the checkpoint's tokenizer) or
@@ -44,9 +45,16 @@ def main(argv=None) -> None:
     parser.add_argument("--no-megatron", action="store_true", help="skip DIR/megatron")
     parser.add_argument("--tokenizer", help="tokenizer for the HF export of a Megatron checkpoint")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", help="scoring device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="compute dtype of the scoring model")
     args = parser.parse_args(argv)
 
     from megatron_emo.subsets.pipeline import select_and_export
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -54,7 +62,8 @@ def main(argv=None) -> None:
     sel = select_and_export(args.checkpoint, args.examples, args.output, keep=args.keep,
                             keep_per_layer=args.keep_per_layer, method=args.method, ep=args.ep,
                             megatron=not args.no_megatron, tokenizer=args.tokenizer,
-                            batch_size=args.batch_size, log=log)
+                            batch_size=args.batch_size, device=device, dtype=args.dtype,
+                            log=log)
     for layer, kept in enumerate(sel.experts_kept_per_layer):
         log(f"layer {layer}: keep {kept}")
     log(f"wrote {os.path.join(args.output, 'selection.json')}")

@@ -27,6 +27,7 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
                       keep: int | None = None, keep_per_layer: Sequence[int] | None = None,
                       method: Method = "greedy-layerwise", ep: int = 1, megatron: bool = True,
                       tokenizer: str | None = None, batch_size: int = 8,
+                      device: str = "cpu", dtype: str = "float32",
                       log: Callable[[str], None] = print) -> Selection:
     """Selects an expert subset from examples and writes the pruned HF and Megatron checkpoints.
 
@@ -42,6 +43,8 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
         megatron: write ``megatron/``.
         tokenizer: tokenizer copied into the export of a Megatron checkpoint.
         batch_size: sequences per forward.
+        device: where the HF model scores the examples (``cpu``, ``cuda``).
+        dtype: compute dtype of the scoring model (the written weights keep their dtype).
         log: progress messages.
 
     Returns:
@@ -65,7 +68,7 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
         examples = load_examples(examples_path, hf_dir)
         log(f"{len(examples.sequences)} examples, {examples.num_tokens} tokens; method {method}, "
             f"keep per layer {keeps}")
-        sel = select_experts(load_hf_model(hf_dir), examples.sequences,
+        sel = select_experts(load_hf_model(hf_dir, dtype, device), examples.sequences,
                              keep_per_layer=keeps, method=method, batch_size=batch_size,
                              examples_sha256=examples.sha256,
                              source_checkpoint=os.path.abspath(checkpoint))

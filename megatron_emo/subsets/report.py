@@ -235,11 +235,13 @@ def build_modularity_report(checkpoint: str, data_prefix: str, output_dir: str, 
                             max_tokens: int | None = None,
                             fractions: Sequence[float] = DEFAULT_FRACTIONS,
                             method: Method = "global", batch_size: int = 8,
-                            tokenizer: str | None = None,
+                            tokenizer: str | None = None, device: str = "cpu",
+                            dtype: str = "float32",
                             log: Callable[[str], None] = print) -> dict:
     """Checkpoint (HF or Megatron) + corpus prefix -> ``output_dir/report.{html,json}``.
 
-    ``max_tokens`` defaults to the model's ``max_position_embeddings``.
+    ``max_tokens`` defaults to the model's ``max_position_embeddings``; ``device`` and
+    ``dtype`` are those of the HF model that computes the numbers.
     """
     import shutil
     import tempfile
@@ -262,7 +264,8 @@ def build_modularity_report(checkpoint: str, data_prefix: str, output_dir: str, 
                              f"[0, {cfg['vocab_size']})")
         info.update(checkpoint=os.path.abspath(checkpoint), data_prefix=os.path.abspath(
             data_prefix), max_docs_per_domain=max_docs_per_domain, max_tokens=max_tokens)
-        return modularity_report(load_hf_model(hf_dir), corpus, output_dir, fractions=fractions,
-                                 method=method, batch_size=batch_size, info=info, log=log)
+        model = load_hf_model(hf_dir, dtype, device)
+        return modularity_report(model, corpus, output_dir, fractions=fractions, method=method,
+                                 batch_size=batch_size, info=info, log=log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

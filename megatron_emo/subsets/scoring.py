@@ -110,21 +110,23 @@ def routing_stats(model, sequences: Sequence[Sequence[int]], *,
         def hook(module, inputs, output):
             probs = routed_probs(output, blocks[i].num_shared_experts)
             m = valid["mask"]
-            prob_sum[i] += (probs.double() * m[:, None]).sum(0)
+            prob_sum[i] += (probs.double() * m[:, None]).sum(0).cpu()
             ids = probs.topk(k_routed[i], dim=-1).indices
             hit_count[i] += torch.bincount(
                 ids.reshape(-1), weights=m.repeat_interleave(k_routed[i]),
-                minlength=probs.shape[1])
+                minlength=probs.shape[1]).cpu()
             if i == last:
                 raise _StopForward
         return hook
 
     handles = [blocks[i].gate.register_forward_hook(make_hook(i)) for i in layers]
+    device = model.lm_head.weight.device
     num_tokens = 0
     try:
         for ids, mask in padded_batches(sequences, batch_size):
-            valid["mask"] = mask.reshape(-1).double()
+            valid["mask"] = mask.reshape(-1).double().to(device)
             num_tokens += int(mask.sum())
+            ids, mask = ids.to(device), mask.to(device)
             try:
                 model.model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _StopForward:
@@ -145,7 +147,9 @@ def next_token_loss(model, sequences: Sequence[Sequence[int]], *, batch_size: in
     """
     total = 0.0
     count = 0
+    device = model.lm_head.weight.device
     for ids, mask in padded_batches(sequences, batch_size):
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
                        output_router_logits=False).logits
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)

@@ -75,14 +75,28 @@ def resolve_hf_dir(checkpoint: str, workdir: str, *, tokenizer: str | None = Non
                      f"torch_dist checkpoint (latest_checkpointed_iteration.txt or metadata.json)")
 
 
-def load_hf_model(hf_dir: str, dtype: torch.dtype = torch.float32):
-    """``EmoForCausalLM`` from an HF directory (its own modeling files), in eval mode."""
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf_model(hf_dir: str, dtype: torch.dtype | str = torch.float32,
+                  device: str | torch.device = "cpu"):
+    """``EmoForCausalLM`` from an HF directory (its own modeling files), in eval mode.
+
+    Args:
+        hf_dir: EMO HF directory.
+        dtype: compute dtype (``float32`` by default: scores are compared across experts).
+        device: e.g. ``cpu`` or ``cuda``; inputs are moved to the model's device.
+    """
     from transformers import AutoModelForCausalLM
 
     read_emo_config(hf_dir)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
                                                  dtype=dtype)
-    return model.eval()
+    return model.to(device).eval()
 
 
 @dataclass
