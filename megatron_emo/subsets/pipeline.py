@@ -1,14 +1,16 @@
 """Checkpoint + examples -> ``selection.json``, pruned HF directory and Megatron checkpoint.
 
 The library behind ``tools/select_experts.py``. Output layout of ``output_dir``:
-``selection.json`` (kept original expert ids per layer and provenance), ``hf/`` (pruned EMO HF
-directory, spec 4.4) and ``megatron/`` (the subset as a torch_dist checkpoint for further
-training). Megatron needs the same expert count in every layer: with per-layer keep counts that
+``selection.json`` (kept expert ids per layer of the input checkpoint, plus
+``extra.experts_kept_per_layer_original`` when the input is itself a subset, and provenance),
+``hf/`` (pruned EMO HF directory, spec 4.4) and ``megatron/`` (the subset as a torch_dist
+checkpoint for further training). Megatron needs the same expert count in every layer: with per-layer keep counts that
 differ, ``megatron/`` is skipped with a warning (the HF subset is still written).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -73,6 +75,13 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
                              examples_sha256=examples.sha256,
                              source_checkpoint=os.path.abspath(checkpoint))
         sel.extra.update(examples_path=examples.path, exported_from_megatron=hf_dir != checkpoint)
+        src_meta = os.path.join(hf_dir, "pruning_metadata.json")
+        if os.path.isfile(src_meta):
+            # The source is already a subset: its indices are not the original model's.
+            prev = json.load(open(src_meta))["experts_kept_per_layer"]
+            sel.extra["experts_kept_per_layer_original"] = [
+                [prev[layer][j] for j in kept] for layer, kept in
+                enumerate(sel.experts_kept_per_layer)]
         os.makedirs(output_dir, exist_ok=True)
         sel.save(os.path.join(output_dir, "selection.json"))
         hf_out = os.path.join(output_dir, "hf")

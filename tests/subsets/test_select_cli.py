@@ -103,6 +103,15 @@ def test_megatron_input_is_exported_first_and_selects_the_same(tmp_path, tiny_hf
     assert a["experts_kept_per_layer"] == b["experts_kept_per_layer"]
     assert a["extra"]["exported_from_megatron"] and not b["extra"]["exported_from_megatron"]
     assert not os.path.exists(tmp_path / "a" / "megatron")
+    # Selecting again inside a subset records the original model's indices too.
+    select_experts.main([str(tmp_path / "b" / "hf"), ex, "--keep", "2", "--output",
+                         str(tmp_path / "c"), "--no-megatron", "--method", "global"])
+    c = json.load(open(tmp_path / "c" / "selection.json"))
+    first = b["experts_kept_per_layer"]
+    assert c["extra"]["experts_kept_per_layer_original"] == [
+        [first[layer][j] for j in kept] for layer, kept in enumerate(c["experts_kept_per_layer"])]
+    meta = json.load(open(tmp_path / "c" / "hf" / "pruning_metadata.json"))
+    assert meta["experts_kept_per_layer"] == c["extra"]["experts_kept_per_layer_original"]
 
 
 def _with_tokenizer(src, dst):
