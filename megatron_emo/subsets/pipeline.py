@@ -4,8 +4,9 @@ The library behind ``tools/select_experts.py``. Output layout of ``output_dir``:
 ``selection.json`` (kept expert ids per layer of the input checkpoint, plus
 ``extra.experts_kept_per_layer_original`` when the input is itself a subset, and provenance),
 ``hf/`` (pruned EMO HF directory, spec 4.4) and ``megatron/`` (the subset as a torch_dist
-checkpoint for further training). Megatron needs the same expert count in every layer: with per-layer keep counts that
-differ, ``megatron/`` is skipped with a warning (the HF subset is still written).
+checkpoint for further training). Megatron needs the same expert count in every layer: with
+per-layer keep counts that differ, ``megatron/`` is skipped with a warning (the HF subset is
+still written).
 """
 
 from __future__ import annotations
