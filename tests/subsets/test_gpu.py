@@ -2,6 +2,9 @@
 
 Marker ``gpu`` (deselected by default). Needs no megatron (HF model and in-memory corpus only).
 Run on a GPU machine: ``python -m pytest -m gpu tests/subsets/test_gpu.py -q``
+
+NOTE: not yet run on a GPU (the device machine of the session that wrote it sees another
+checkout); its logic was checked on CPU by substituting ``cpu`` for ``cuda``.
 """
 
 from __future__ import annotations
