@@ -79,11 +79,25 @@ class EmoConfig(PretrainedConfig):
         self.dense_mlp_bias = dense_mlp_bias
         if rope_scaling is not None:
             raise ValueError(f"EmoConfig supports rope_scaling=None only, got {rope_scaling!r}")
-        if always_active_experts or num_experts_per_layer or num_shared_experts_per_layer:
+        if always_active_experts or num_shared_experts_per_layer:
             raise ValueError(
-                "always_active_experts / num_experts_per_layer / num_shared_experts_per_layer "
-                "are not supported by this EMO modeling code"
+                "always_active_experts / num_shared_experts_per_layer are not supported by this "
+                "EMO modeling code"
             )
+        if num_experts_per_layer:
+            # Pruned subsets with a different expert count per layer (shared experts last in
+            # every layer); each layer routes to min(num_experts_per_tok, its count) experts.
+            if len(num_experts_per_layer) != num_hidden_layers:
+                raise ValueError(
+                    f"num_experts_per_layer has {len(num_experts_per_layer)} entries, "
+                    f"num_hidden_layers is {num_hidden_layers}"
+                )
+            bad = [n for n in num_experts_per_layer if n <= num_shared_experts]
+            if bad:
+                raise ValueError(
+                    f"num_experts_per_layer {list(num_experts_per_layer)} must exceed "
+                    f"num_shared_experts ({num_shared_experts}) in every layer"
+                )
         if num_shared_experts > 0 and norm_topk_prob:
             raise ValueError("norm_topk_prob is not supported together with shared experts")
         super().__init__(

@@ -140,18 +140,22 @@ def route_tokens(router_logits, num_experts_per_tok, num_shared_experts, norm_to
 
 
 class EmoSparseMoeBlock(nn.Module):
-    """Router (``gate``) plus ``num_experts`` SwiGLU experts, shared experts last."""
+    """Router (``gate``) plus ``num_experts`` SwiGLU experts, shared experts last.
 
-    def __init__(self, config: EmoConfig):
+    With ``config.num_experts_per_layer`` (pruned subsets) layer ``layer_idx`` has its own count.
+    """
+
+    def __init__(self, config: EmoConfig, layer_idx: int = 0):
         super().__init__()
-        self.num_experts = config.num_experts
+        per_layer = getattr(config, "num_experts_per_layer", None)
+        self.num_experts = per_layer[layer_idx] if per_layer else config.num_experts
         self.num_shared_experts = config.num_shared_experts
-        self.top_k = min(config.num_experts_per_tok, config.num_experts)
+        self.top_k = min(config.num_experts_per_tok, self.num_experts)
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = nn.ModuleList(
             [EmoMLP(config.hidden_size, config.intermediate_size)
-             for _ in range(config.num_experts)]
+             for _ in range(self.num_experts)]
         )
 
     def forward(self, hidden_states):
@@ -187,7 +191,7 @@ class EmoDecoderLayer(nn.Module):
         self.pre_attention_layernorm = EmoRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = EmoAttention(config, layer_idx)
         self.pre_feedforward_layernorm = EmoRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = EmoSparseMoeBlock(config)
+        self.mlp = EmoSparseMoeBlock(config, layer_idx)
 
     def forward(self, hidden_states, cos, sin, attn_mask, past_key_values=None):
         h = hidden_states + self.self_attn(
@@ -306,7 +310,7 @@ def load_balancing_loss(router_logits, num_experts_per_tok, num_shared_experts,
     losses = []
     for logits in router_logits:
         num_routed = logits.shape[-1] - num_shared_experts
-        k = num_experts_per_tok - num_shared_experts
+        k = min(num_experts_per_tok, logits.shape[-1]) - num_shared_experts
         probs = logits[:, :num_routed].float().softmax(dim=-1)
         chosen = F.one_hot(probs.topk(k, dim=-1).indices, num_routed).sum(dim=1).float()
         if attention_mask is not None:

@@ -1,0 +1,73 @@
+"""Select an expert subset of an EMO model for a task and write the pruned checkpoints.
+
+    python tools/select_experts.py CHECKPOINT EXAMPLES.jsonl --keep 16 --output DIR
+        [--method greedy-layerwise|global] [--keep-per-layer 16,16,...] [--ep 1]
+        [--no-megatron] [--tokenizer DIR_OR_SPM_MODEL] [--batch-size 8]
+        [--device cuda] [--dtype float32]
+
+CHECKPOINT is an EMO HF directory or a Megatron torch_dist checkpoint (exported to HF first).
+EXAMPLES.jsonl holds ``{"text": ...}`` (tokenised with the checkpoint's tokenizer) or
+``{"tokens": [...]}`` records. Writes DIR/selection.json, DIR/hf (pruned HF model, loadable with
+``AutoModelForCausalLM.from_pretrained(DIR/hf, trust_remote_code=True)``) and DIR/megatron
+(torch_dist; skipped with a warning when --keep-per-layer counts differ). --keep counts the shared
+expert(s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("checkpoint", help="EMO HF directory or Megatron torch_dist checkpoint")
+    parser.add_argument("examples", help="JSONL with 'text' or 'tokens' records")
+    keep = parser.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep", type=int, help="experts kept per layer, shared included")
+    keep.add_argument("--keep-per-layer", type=_int_list, help="comma-separated count per layer")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--method", choices=["greedy-layerwise", "global"],
+                        default="greedy-layerwise")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel size the Megatron subset must divide into")
+    parser.add_argument("--no-megatron", action="store_true", help="skip DIR/megatron")
+    parser.add_argument("--tokenizer", help="tokenizer for the HF export of a Megatron checkpoint")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", help="scoring device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="compute dtype of the scoring model")
+    args = parser.parse_args(argv)
+
+    from megatron_emo.subsets.pipeline import select_and_export
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    sel = select_and_export(args.checkpoint, args.examples, args.output, keep=args.keep,
+                            keep_per_layer=args.keep_per_layer, method=args.method, ep=args.ep,
+                            megatron=not args.no_megatron, tokenizer=args.tokenizer,
+                            batch_size=args.batch_size, device=device, dtype=args.dtype,
+                            log=log)
+    for layer, kept in enumerate(sel.experts_kept_per_layer):
+        log(f"layer {layer}: keep {kept}")
+    log(f"wrote {os.path.join(args.output, 'selection.json')}")
+
+
+if __name__ == "__main__":
+    main()
