@@ -70,9 +70,27 @@ def main(argv: list[str] | None = None) -> None:
         train_valid_test_datasets_provider,
     )
 
+    if "--emo-dry-run" in sys.argv and not torch.cuda.is_available():
+        # Megatron's validate_args asks the GPU's compute capability for --moe-grouped-gemm
+        # (arguments.py:1339); a dry run on a login node checks against a Hopper-class target.
+        torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     args = parse_and_validate_args(extra_args_provider=add_emo_args)
-    validate_emo_args(args, te_available=_transformer_engine_importable())
-    emo_config_from_args(args)  # EMOTransformerConfig's checks, before any process group exists
+    # A dry run checks the flags for the target machine, which may have TE where this one has not.
+    validate_emo_args(args, te_available=args.emo_dry_run or _transformer_engine_importable())
+    config = emo_config_from_args(args)  # EMOTransformerConfig's checks, before any process group
+    if args.emo_dry_run:
+        print(
+            f"megatron_emo.train: arguments OK (dry run): world size {args.world_size}, "
+            f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
+            f"EP {args.expert_model_parallel_size} CP {args.context_parallel_size} DP "
+            f"{args.data_parallel_size}; {config.num_layers} layers, {config.num_moe_experts} "
+            f"experts ({config.emo_num_shared_experts} shared), top-{config.moe_router_topk}, "
+            f"routing {config.emo_routing}, pools {config.emo_pool_size_min}..."
+            f"{config.emo_pool_size_max} (eval {config.emo_pool_size_eval}), "
+            f"{args.global_batch_size} x {args.seq_length} tokens per step, "
+            f"{args.train_iters} iterations"
+        )
+        return
     use_prebuilt_dataset_helpers()
     if args.cpu:
         _init_cpu_distributed(args)

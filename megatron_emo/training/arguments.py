@@ -76,6 +76,11 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "the in-pool fraction to TensorBoard at --log-interval.",
     )
     group.add_argument(
+        "--emo-dry-run", action="store_true", dest="emo_dry_run",
+        help="Parse and check all flags (Megatron's and EMO's, the model config included), print "
+        "a summary and exit without touching devices or data (set WORLD_SIZE to the job's size).",
+    )
+    group.add_argument(
         "--cpu", action="store_true", dest="cpu",
         help="Run on CPU with gloo (smoke runs, debugging); needs --transformer-impl local, "
         "--clip-grad 0, fp32 and no distributed optimizer.",
