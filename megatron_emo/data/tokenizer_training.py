@@ -8,6 +8,7 @@ disk. CLI: ``python tools/train_tokenizer.py --input data/*.jsonl.gz --vocab-siz
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -116,9 +117,12 @@ def train_sentencepiece(
         yield from sentences
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    # The trainer stores model_prefix inside the model file; training in memory (no prefix) keeps
+    # the bytes independent of the output path. .model/.vocab are then written here.
+    model_bytes = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=_all_sentences(),
-        model_prefix=output_prefix,
+        model_writer=model_bytes,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
@@ -137,4 +141,12 @@ def train_sentencepiece(
         **SPECIAL_IDS,
         **SPECIAL_PIECES,
     )
-    return output_prefix + ".model"
+    model_path = output_prefix + ".model"
+    with open(model_path + ".partial", "wb") as f:
+        f.write(model_bytes.getvalue())
+    os.replace(model_path + ".partial", model_path)
+    processor = spm.SentencePieceProcessor(model_file=model_path)
+    with open(output_prefix + ".vocab", "w", encoding="utf-8") as f:
+        for i in range(processor.get_piece_size()):
+            f.write(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n")
+    return model_path
