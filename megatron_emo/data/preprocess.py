@@ -352,9 +352,12 @@ def preprocess_jsonl(
         else:
             import multiprocessing as mp
 
-            # NOTE: fork would copy the parent's tokenizer and threads; spawn is the safe default
-            # (tokenizers/torch are not fork-safe once their thread pools have started).
-            ctx = mp.get_context("spawn")
+            # NOTE: fork (Linux default, as Megatron-LM's preprocess_data) skips re-importing
+            # torch/megatron in every worker (~5 s each); each worker still builds its own
+            # tokenizer in _init_worker. EMO_PREPROCESS_START_METHOD=spawn opts out.
+            method = os.environ.get("EMO_PREPROCESS_START_METHOD") or (
+                "fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            ctx = mp.get_context(method)
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
             semaphore = threading.Semaphore(4 * workers)
             results = pool.imap(_encode_batch, _bounded(batches, semaphore, stop), chunksize=1)

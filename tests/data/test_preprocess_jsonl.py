@@ -200,7 +200,9 @@ def test_multi_file_gzip_and_glob_inputs_keep_order(tmp_path, sp_model):
         assert [json.loads(line)["id"] for line in f] == [r["id"] for r in records]
 
 
-def test_two_workers_preserve_order_byte_for_byte(tmp_path, sp_model):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"], ids=["fork", "spawn"])
+def test_two_workers_preserve_order_byte_for_byte(tmp_path, sp_model, monkeypatch, start_method):
+    monkeypatch.setenv("EMO_PREPROCESS_START_METHOD", start_method)
     spec = ("SentencePieceTokenizer", sp_model)
     records = make_records(700, seed=9)
     records[333] = b"broken"
