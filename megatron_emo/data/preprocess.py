@@ -339,11 +339,13 @@ def preprocess_jsonl(
     total_bytes = (None if any(p.endswith(".gz") for p in paths)
                    else sum(os.path.getsize(p) for p in paths))
     progress_meter = _Progress(total_bytes, log_interval, progress)
-    writers = {k: IndexedDatasetWriter(dataset_prefix(output_prefix, k), dtype=dtype,
-                                       with_metadata=bool(metadata_keys)) for k in json_keys}
+    writers: dict[str, IndexedDatasetWriter] = {}
     pool = None
     stop = threading.Event()
     try:
+        for key in json_keys:
+            writers[key] = IndexedDatasetWriter(dataset_prefix(output_prefix, key), dtype=dtype,
+                                                with_metadata=bool(metadata_keys))
         batches = _iter_batches(paths, max_line_bytes, _RECORDS_PER_BATCH)
         if workers == 1:
             _init_worker(*init_args)

@@ -132,10 +132,13 @@ def test_mixed_bad_inputs_reconcile_and_edge_cases(tmp_path, sp_model):
     assert len(summary["skipped_by_category"]["invalid_json"]["first_lines"]) == 10
 
 
-def test_on_error_fail_names_file_line_and_category(tmp_path, sp_model):
-    path = write_jsonl(tmp_path / "in.jsonl", [*make_records(3), b'{"text": 5}'])
-    with pytest.raises(BadRecordError, match=rf"{path}:4: non_string_value"):
-        _run([path], tmp_path / "o", ("SentencePieceTokenizer", sp_model), on_error="fail")
+@pytest.mark.parametrize("workers", [1, 2], ids=["workers1", "workers2"])
+def test_on_error_fail_names_file_line_and_category(tmp_path, sp_model, workers):
+    path = write_jsonl(tmp_path / "in.jsonl", [*make_records(300), b'{"text": 5}',
+                                              *make_records(300)])
+    with pytest.raises(BadRecordError, match=rf"{path}:301: non_string_value"):
+        _run([path], tmp_path / "o", ("SentencePieceTokenizer", sp_model), on_error="fail",
+             workers=workers)
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
 
