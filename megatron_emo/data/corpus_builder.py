@@ -251,7 +251,8 @@ _LINES = ("We could try again tomorrow.", "I never thought it would be this hard
 def _story(rng: random.Random) -> str:
     hero, friend = rng.sample(_NAMES, 2)
     role, place, goal = rng.choice(_ROLES), rng.choice(_PLACES), rng.choice(_GOALS)
-    paragraphs = [f"{hero} was {role} who lived in {place}. One {rng.choice(['spring', 'summer', 'autumn', 'winter'])} "
+    season = rng.choice(["spring", "summer", "autumn", "winter"])
+    paragraphs = [f"{hero} was {role} who lived in {place}. One {season} "
                   f"morning {hero} decided to {goal}."]
     for _ in range(rng.choice([0, 1, 2, 3, 4, 6, 9, 14, 20])):
         kind = rng.random()

@@ -1,8 +1,9 @@
-"""JSONL(.gz) -> Megatron ``IndexedDataset`` (``PREFIX_text_document.bin/.idx``), one document per record.
+"""JSONL(.gz) -> Megatron ``IndexedDataset`` (``PREFIX_text_document.bin/.idx``), one per record.
 
-Each kept record becomes exactly one document, ``tokenizer.tokenize(text) + [eod]``; bad records are
-skipped (or fail the run) by category and reported in ``PREFIX_text_document.summary.json``.
-CLI: ``python tools/preprocess_data.py --input data/*.jsonl.gz --tokenizer-type ... --output-prefix P``.
+Each kept record becomes exactly one document, ``tokenizer.tokenize(text) + [eod]``; bad records
+are skipped (or fail the run) by category and reported in ``PREFIX_text_document.summary.json``.
+CLI: ``python tools/preprocess_data.py --input data/*.jsonl.gz --tokenizer-type T
+--tokenizer-model M --output-prefix P``.
 """
 
 from __future__ import annotations

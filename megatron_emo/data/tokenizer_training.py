@@ -1,8 +1,9 @@
-"""Trains a sentencepiece tokenizer from JSONL(.gz) that Megatron's ``SentencePieceTokenizer`` loads.
+"""Trains a sentencepiece tokenizer on JSONL(.gz) for Megatron's ``SentencePieceTokenizer``.
 
 Special ids are fixed so that Megatron reports ``eod = eos_id() = 2`` and ``pad = pad_id() = 3``
 (``unk = 0``, ``bos = 1``). Text is streamed through ``sentence_iterator``; nothing is staged on
-disk. CLI: ``python tools/train_tokenizer.py --input data/*.jsonl.gz --vocab-size 8000 --output-prefix P``.
+disk. CLI: ``python tools/train_tokenizer.py --input data/*.jsonl.gz --vocab-size 8192
+--output-prefix P``.
 """
 
 from __future__ import annotations

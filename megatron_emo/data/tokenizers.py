@@ -1,4 +1,4 @@
-"""Builds tokenizers exactly as ``megatron.training`` does for ``--tokenizer-type/--tokenizer-model``.
+"""Builds tokenizers as ``megatron.training`` does for ``--tokenizer-type/--tokenizer-model``.
 
 The preprocessor must append the same EOD id that training later looks for, so it builds its
 tokenizer with Megatron's own ``megatron.core.tokenizers.utils.build_tokenizer`` from a namespace
@@ -89,7 +89,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None, **override
 
 
 def build_tokenizer_from_args(args: argparse.Namespace):
-    """Builds a tokenizer from a full :func:`tokenizer_args` namespace (no megatron.training import)."""
+    """Builds a tokenizer from a full :func:`tokenizer_args` namespace.
+
+    Unlike :func:`build_tokenizer` this does not import ``megatron.training`` (worker start-up).
+    """
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as mcore_build
 
     return mcore_build(args)

@@ -7,7 +7,8 @@ import os
 import random
 
 WORDS = ("alpha beta gamma delta epsilon zeta the of and to in is for with def return class "
-         "import self print value result sum total river mountain stone light 0 1 2 3 42 - + =").split()
+         "import self print value result sum total river mountain stone light 0 1 2 3 42 - + ="
+         ).split()
 
 
 def make_records(num_records: int, *, seed: int = 0, prefix: str = "r") -> list[dict]:
@@ -20,7 +21,8 @@ def make_records(num_records: int, *, seed: int = 0, prefix: str = "r") -> list[
             text = f"def f{i}(x):\n    return x + {i}\n\n" + text
         if i % 7 == 0:
             text += " caf\u00e9 \u00fcber \u4e2d\u6587"
-        records.append({"text": text, "domain": f"d{i % 3}", "source": "tests", "id": f"{prefix}{i}"})
+        records.append({"text": text, "domain": f"d{i % 3}", "source": "tests",
+                        "id": f"{prefix}{i}"})
     return records
 
 
@@ -28,9 +30,9 @@ def write_jsonl(path, records, *, compress: bool = False) -> str:
     """Writes records (dicts, or raw ``str``/``bytes`` lines) as JSONL(.gz); returns the path."""
     import gzip
 
-    data = b"".join(
-        (r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
-        for r in records)
+    lines = [r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()
+             for r in records]
+    data = b"".join(line + b"\n" for line in lines)
     path = str(path)
     if compress:
         with gzip.open(path, "wb") as f:

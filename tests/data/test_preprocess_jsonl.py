@@ -72,7 +72,7 @@ def test_round_trip_and_metadata(tmp_path, tokenizer_spec):
 
 @pytest.mark.parametrize("tokenizer_spec", TOKENIZER_KINDS, ids=TOKENIZER_KINDS, indirect=True)
 def test_eod_matches_megatron_training_builder(tmp_path, monkeypatch, tokenizer_spec):
-    """The EOD we append equals ``.eod`` of the tokenizer megatron.training builds from the flags."""
+    """The EOD we append equals ``.eod`` of megatron.training's tokenizer for the same flags."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as mcore_build
     from megatron.training.arguments import parse_args
 
