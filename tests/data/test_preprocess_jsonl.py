@@ -244,3 +244,74 @@ def test_tokenizer_eod_id_treats_negative_as_missing():
 def test_missing_input_is_a_value_error(tmp_path, sp_model):
     with pytest.raises(ValueError, match="matches no file"):
         _run([tmp_path / "nope*.jsonl"], tmp_path / "o", ("SentencePieceTokenizer", sp_model))
+
+
+def test_tokenizer_error_category(tmp_path, sp_model, monkeypatch):
+    import megatron_emo.data.preprocess as preprocess
+
+    real_build = preprocess.build_tokenizer_from_args
+
+    class Exploding:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def tokenize(self, text):
+            if "BOOM" in text:
+                raise RuntimeError("tokenizer exploded")
+            return self.inner.tokenize(text)
+
+    monkeypatch.setattr(preprocess, "build_tokenizer_from_args",
+                        lambda args: Exploding(real_build(args)))
+    monkeypatch.setattr(preprocess, "tokenizer_eod_id", lambda tokenizer: 2)
+    monkeypatch.setattr(Exploding, "vocab_size", 400, raising=False)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}, {"text": "BOOM here"}])
+    summary = _run([path], tmp_path / "o", ("SentencePieceTokenizer", sp_model))
+    assert summary["skipped_by_category"]["tokenizer_error"] == {
+        "count": 1, "first_lines": [f"{path}:2"]}
+    _check_reconciles(summary)
+
+
+def test_multiple_json_keys_stay_aligned(tmp_path, sp_model):
+    records = [{"text": f"body {i}", "title": f"title {i}", "id": i} for i in range(10)]
+    records[4] = {"text": "body without title", "id": 4}
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    summary = _run([path], tmp_path / "o", ("SentencePieceTokenizer", sp_model),
+                   json_keys=("text", "title"), metadata_keys=("id",))
+    assert summary["skipped_by_category"]["missing_key"]["first_lines"] == [f"{path}:5"]
+    tokenizer = build_tokenizer("SentencePieceTokenizer", sp_model)
+    kept = [r for r in records if "title" in r]
+    for key in ("text", "title"):
+        dataset = IndexedDataset(f"{tmp_path}/o_{key}_document")
+        assert [dataset[i].tolist() for i in range(len(dataset))] == [
+            tokenizer.tokenize(r[key]) + [tokenizer.eod] for r in kept]
+        with open(f"{tmp_path}/o_{key}_document.metadata.jsonl") as f:
+            assert [json.loads(line)["id"] for line in f] == [r["id"] for r in kept]
+        summary_k = json.load(open(f"{tmp_path}/o_{key}_document.summary.json"))
+        _check_reconciles(summary_k)
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_npy_conversion_and_argument_errors(tmp_path, capsys):
+    tool = _load_tool("preprocess_data")
+    np.array([7, 8, 3, 9, 3, 5], dtype=np.uint32).tofile(tmp_path / "tokens.npy")
+    base = ["--input-format", "npy", "--input", str(tmp_path / "tokens.npy"),
+            "--output-prefix", str(tmp_path / "o"), "--quiet"]
+    assert tool.main(base + ["--eos-id", "3", "--vocab-size", "10"]) == 0
+    dataset = IndexedDataset(f"{tmp_path}/o_text_document")
+    assert [dataset[i].tolist() for i in range(len(dataset))] == [[7, 8, 3], [9, 3], [5]]
+    assert "records_in=3 documents_written=3" in capsys.readouterr().out
+    assert tool.main(base + ["--eos-id", "3"]) == 2
+    assert "--input-format npy needs --eos-id and --vocab-size" in capsys.readouterr().err
+    assert tool.main(base + ["--eos-id", "3", "--vocab-size", "10",
+                             "--metadata-keys", "domain"]) == 2
+    assert tool.main(["--input", str(tmp_path / "tokens.npy"), "--output-prefix",
+                      str(tmp_path / "p")]) == 2
+    assert "--tokenizer-type is required" in capsys.readouterr().err
