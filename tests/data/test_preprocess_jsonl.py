@@ -315,3 +315,30 @@ def test_cli_npy_conversion_and_argument_errors(tmp_path, capsys):
     assert tool.main(["--input", str(tmp_path / "tokens.npy"), "--output-prefix",
                       str(tmp_path / "p")]) == 2
     assert "--tokenizer-type is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"], ids=["sigint", "sigkill"])
+def test_killed_cli_never_leaves_complete_looking_dataset(tmp_path, sp_model, signal_name):
+    """A real process killed mid-run: SIGINT cleans up; SIGKILL leaves only ``*.partial``."""
+    import signal
+    import time
+
+    path = write_jsonl(tmp_path / "in.jsonl", make_records(20_000, seed=5) * 3)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", path,
+           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
+           "--output-prefix", str(tmp_path / "out" / "c"), "--quiet", "--metadata-keys", "id"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    partial = tmp_path / "out" / "c_text_document.bin.partial"
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size > 0) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert proc.poll() is None, "run finished before it could be interrupted"
+    proc.send_signal(getattr(signal, signal_name))
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    left = sorted(os.listdir(tmp_path / "out"))
+    assert not any(name.endswith((".bin", ".idx", ".json", ".jsonl")) for name in left), left
+    if signal_name == "SIGINT":
+        assert left == []
