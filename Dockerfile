@@ -1,6 +1,7 @@
 # GPU image: NVIDIA's PyTorch container ships CUDA torch, Transformer Engine and apex.
 #   docker build -t megatron-emo .
-#   docker run --gpus all --rm -it megatron-emo
+#   docker run --gpus all --ipc=host --rm -it -v /data:/data megatron-emo \
+#       bash examples/02_train_emo_1b14b.sh        (DATA_PATH=..., NGPU=...)
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
 FROM ${BASE_IMAGE}
 
@@ -12,4 +13,4 @@ RUN grep -vE '^(torch|numpy)==' requirements.txt > /tmp/requirements.container.t
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 
-CMD ["python", "-c", "import megatron_emo, megatron_emo.mcore; print('megatron-emo', megatron_emo.__version__)"]
+CMD ["python", "-m", "megatron_emo.train", "--help"]

@@ -19,6 +19,7 @@ MASTER_PORT=${MASTER_PORT:-6000}
 EP=${EP:-8}
 RUN_DIR=${RUN_DIR:-runs/${ROUTING}_1b14b}
 DATA_PATH=${DATA_PATH:-data/olmoe_mix_text_document}
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-allenai/dolma2-tokenizer}
 TRAIN_ITERS=${TRAIN_ITERS:-238419}           # 1T tokens at 4,194,304 tokens per step
 PY=${PY:-python}
@@ -50,7 +51,7 @@ EMO_ARGS=(
 )
 DATA_ARGS=(
     --data-path "$DATA_PATH" --split 990,8,2
-    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+    --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
     --num-workers 2
 )
 # EMO trains with intra-document attention; the reference standard MoE does not.

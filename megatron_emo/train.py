@@ -76,7 +76,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     args = parse_and_validate_args(extra_args_provider=add_emo_args)
     # A dry run checks the flags for the target machine, which may have TE where this one has not.
-    validate_emo_args(args, te_available=args.emo_dry_run or _transformer_engine_importable())
+    te_available = _transformer_engine_importable()
+    validate_emo_args(args, te_available=args.emo_dry_run or te_available)
+    te_note = ""
+    if args.emo_dry_run and not te_available:
+        # TransformerConfig refuses TE-only fusions without TE; check the rest for the target.
+        switched = [f for f in ("apply_rope_fusion", "moe_permute_fusion") if getattr(args, f, False)]
+        for flag in switched:
+            setattr(args, flag, False)
+        if switched:
+            te_note = f" (TE not importable here: {', '.join(switched)} not checked)"
     config = emo_config_from_args(args)  # EMOTransformerConfig's checks, before any process group
     if args.emo_dry_run:
         print(
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             f"routing {config.emo_routing}, pools {config.emo_pool_size_min}..."
             f"{config.emo_pool_size_max} (eval {config.emo_pool_size_eval}), "
             f"{args.global_batch_size} x {args.seq_length} tokens per step, "
-            f"{args.train_iters} iterations"
+            f"{args.train_iters} iterations{te_note}"
         )
         return
     use_prebuilt_dataset_helpers()

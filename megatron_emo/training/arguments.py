@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from megatron_emo.training.compat import escape_bare_percent_in_help
+
 __all__ = ["add_emo_args", "validate_emo_args"]
 
 
@@ -85,6 +87,7 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Run on CPU with gloo (smoke runs, debugging); needs --transformer-impl local, "
         "--clip-grad 0, fp32 and no distributed optimizer.",
     )
+    escape_bare_percent_in_help(parser)  # megatron-core 0.19.2's own --help crashes otherwise
     return parser
 
 
