@@ -115,20 +115,27 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     parser.add_argument("--warmup", type=int, default=3, help="iterations left out of the median")
     parser.add_argument("--te", action="store_true", help="TE spec with grouped GEMM (needs TE)")
+    parser.add_argument("--iters", type=int, default=None, help="override the preset's iterations")
+    parser.add_argument("--emo-first", action="store_true", help="run EMO before the baseline")
     args = parser.parse_args()
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    if args.iters:
+        p["iters"] = args.iters
+    order = ("emo", "standard") if args.emo_first else ("standard", "emo")
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "docs")
         make_corpus(data, vocab=p["vocab"], num_tokens=p["seq"] * p["mbs"] * (p["iters"] + 4) * 2,
                     mean_doc=p["mean_doc"])
-        results = {mode: run_mode(p, data, mode, args.te, args.warmup) for mode in ("standard", "emo")}
+        results = {mode: run_mode(p, data, mode, args.te, args.warmup) for mode in order}
     base = results["standard"]["step_ms"]
     print(f"\npreset {args.preset}: {p['layers']} layers, d {p['hidden']}, {p['experts']} experts "
           f"({p['shared']} shared) of {p['expert_ffn']}, top-{p['topk']}, seq {p['seq']} x mbs {p['mbs']}, "
-          f"{'TE' if args.te else 'local'} spec; median over iterations > {args.warmup}\n")
+          f"{'TE' if args.te else 'local'} spec; median over iterations > {args.warmup}; run order "
+          f"{' then '.join(order)}\n")
     print("| routing | step ms | tokens/s | step time vs standard |")
     print("|---|---:|---:|---:|")
-    for mode, r in results.items():
+    for mode in ("standard", "emo"):
+        r = results[mode]
         print(f"| {mode} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['step_ms'] / base:.3f}x |")
     for mode, r in results.items():
         print(f"{mode} losses: " + " ".join(f"{x:.3f}" for x in r["losses"]))
