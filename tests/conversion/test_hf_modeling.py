@@ -101,3 +101,17 @@ def test_left_padded_batch_generates_like_single_prompts(tmp_path):
         alone_short = model.generate(short, **kw)
     assert torch.equal(both[0, 9:], alone_long[0, 9:])
     assert torch.equal(both[1, 9:], alone_short[0, 5:])
+
+
+def test_no_non_persistent_buffers(tmp_path):
+    """transformers 5.x builds models on the meta device and leaves custom non-persistent buffers
+    uninitialised after ``from_pretrained`` (RoPE ``inv_freq`` once held garbage there, making
+    routing depend on the load); the modeling code must keep none."""
+    from hf_tiny import random_hf_state_dict, write_hf_dir
+    from transformers import AutoModelForCausalLM
+
+    write_hf_dir(tmp_path / "hf", random_hf_state_dict(seed=3))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    persistent = set(model.state_dict())
+    stray = [name for name, _ in model.named_buffers() if name not in persistent]
+    assert not stray, stray

@@ -44,15 +44,15 @@ class EmoRotaryEmbedding(nn.Module):
 
     def __init__(self, config: EmoConfig):
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (
-            config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = config.head_dim
+        self.base = float(config.rope_theta)
 
     @torch.no_grad()
     def forward(self, x, position_ids):
-        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
+        # Computed on every call, not kept in a buffer: transformers 5.x builds models on the
+        # meta device and leaves custom non-persistent buffers uninitialised after loading.
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=x.device).float()
+        inv_freq = 1.0 / (self.base ** (exponents / self.dim))
         freqs = position_ids[:, :, None].to(torch.float32) * inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
