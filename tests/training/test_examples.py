@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from train_runs import clean_env
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").rglob("*") if p.suffix in (".sh", ".sbatch"))
 
 
 def _env(**extra) -> dict:
-    pythonpath = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, PY=sys.executable, **extra)
+    return clean_env(PY=sys.executable, **extra)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

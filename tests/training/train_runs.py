@@ -79,10 +79,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child run: repo on PYTHONPATH, one thread, no ``NVTE_*`` variables.
+
+    Megatron's argument validation in an earlier in-process test sets ``NVTE_FLASH_ATTN`` and
+    friends in ``os.environ`` (from ``--attention-backend``), and a child ``pretrain()`` refuses
+    them when they disagree with its own backend.
+    """
+    pythonpath = os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if x)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVTE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, **extra)
+    return env
+
+
 def run_train(args: list[str], *, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs the entry point (torchrun for ``nproc > 1``); returns the completed process."""
-    pythonpath = os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if x)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    env = clean_env()
     if nproc == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(_free_port()))
