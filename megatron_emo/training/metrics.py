@@ -3,14 +3,16 @@
 On a step that ends at a multiple of ``--log-interval`` the forward step marks its micro-batches
 ``collect_metrics``; every ``EMORouter`` then adds ``megatron_emo.routing.routing_metrics`` to
 its running sums (device tensors, no host sync). ``report_routing_metrics`` (called by the next
-step's first forward, and once after training) reduces them over pipeline stages and
-data-parallel ranks and writes ``emo/<metric>`` (mean over MoE layers),
-``emo/<metric>/layer_<n>`` and an ``emo/expert_load/layer_<n>`` histogram through Megatron's
-TensorBoard writer. Load-balancing and z-loss are logged by Megatron's MoE tracker
+step's first forward, and once after training) averages them over the TP x DP x CP ranks of the
+pipeline stage and writes ``emo/<metric>/layer_<n>``, an ``emo/expert_load/layer_<n>``
+histogram and the mean over the stage's MoE layers (``emo/<metric>``, or
+``emo/<metric>/pp_stage_<k>`` under pipeline parallelism). No collective crosses pipeline
+stages: inside a forward step that would deadlock against the schedule's point-to-point
+receives. Stages other than the last write their own event file next to Megatron's. Load-balancing and z-loss are logged by Megatron's MoE tracker
 (``load_balancing_loss``, ``z_loss``; per layer with ``--moe-per-layer-logging``).
 
-Megatron symbols: ``core.parallel_state.get_pipeline_model_parallel_group``,
-``training.get_tensorboard_writer``, ``training.utils.print_rank_last``.
+Megatron symbols: ``core.parallel_state.{get_pipeline_model_parallel_rank,
+get_pipeline_model_parallel_world_size}``.
 """
 
 from __future__ import annotations
@@ -41,17 +43,18 @@ def report_routing_metrics(
 ) -> dict[str, float] | None:
     """Reduces the routers' collected diagnostics, logs them and resets the routers.
 
-    A collective over the pipeline and TP x DP x CP groups: every rank must call it at the
-    same point. Ranks whose routers collected nothing still take part.
+    A collective over this stage's TP x DP x CP group (every rank of it must call it at the
+    same point); nothing crosses pipeline stages.
 
     Args:
         model_chunks: this rank's model chunks.
         iteration: the iteration the diagnostics belong to (TensorBoard step).
         num_layers: transformer layers of the whole model (``--num-layers``).
-        writer: TensorBoard ``SummaryWriter`` (Megatron gives one to the last rank), or None.
+        writer: TensorBoard ``SummaryWriter`` of this rank, or None (then nothing is written).
 
     Returns:
-        ``{metric: mean over MoE layers}``, or None when no layer collected anything.
+        ``{metric: mean over this stage's MoE layers}``, or None when no layer collected
+        anything.
     """
     routers = routers_of(model_chunks)
     if not routers:
@@ -73,12 +76,8 @@ def report_routing_metrics(
         router.routing_metric_sums = {}
         router.routing_metric_count = 0
 
-    # Layers live on exactly one pipeline stage: SUM over the PP group assembles them (no grad).
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    if dist.is_initialized() and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(values_ML, group=pp_group)
-        dist.all_reduce(load_LR, group=pp_group)
-    # Every TP x DP x CP rank routed its own tokens: average the diagnostics, sum the loads.
+    # Every TP x DP x CP rank of the stage routed its own tokens: average the diagnostics, sum
+    # the loads (no gradient involved).
     dp_group = routers[0].tp_dp_cp_group
     if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         size = dist.get_world_size(dp_group)
@@ -92,8 +91,10 @@ def report_routing_metrics(
     layers = present_L.nonzero().flatten().tolist()
     means = {name: float(values_ML[i, present_L].mean()) for i, name in enumerate(names)}
     if writer is not None:
+        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        suffix = f"/pp_stage_{parallel_state.get_pipeline_model_parallel_rank()}" if pp_size > 1 else ""
         for i, name in enumerate(names):
-            writer.add_scalar(f"emo/{name}", means[name], iteration)
+            writer.add_scalar(f"emo/{name}{suffix}", means[name], iteration)
             for layer in layers:
                 writer.add_scalar(f"emo/{name}/layer_{layer + 1}", float(values_ML[i, layer]), iteration)
         for layer in layers:

@@ -124,13 +124,38 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 class _MetricsSchedule:
-    """Which steps collect routing diagnostics, and when to report them (no module globals)."""
+    """The step whose routing diagnostics wait to be reported, and this rank's event writer."""
 
     def __init__(self) -> None:
         self.pending_iteration: int | None = None
+        self.stage_writer = None
 
 
 _SCHEDULE = _MetricsSchedule()
+
+
+def _metrics_writer(args):
+    """Megatron's writer on the last rank; on the first TP x DP x CP rank of every other
+    pipeline stage a writer of its own in the same directory (TensorBoard merges the files)."""
+    writer = get_tensorboard_writer()
+    if writer is not None or not args.tensorboard_dir:
+        return writer
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    first_of_stage = (
+        mpu.get_tensor_model_parallel_rank() == 0
+        and mpu.get_data_parallel_rank(with_context_parallel=True) == 0
+    )
+    if not first_of_stage or mpu.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    if _SCHEDULE.stage_writer is None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        stage = mpu.get_pipeline_model_parallel_rank()
+        _SCHEDULE.stage_writer = SummaryWriter(
+            log_dir=args.tensorboard_dir, filename_suffix=f".emo_pp_stage_{stage}"
+        )
+    return _SCHEDULE.stage_writer
 
 
 def flush_routing_metrics(model) -> dict[str, float] | None:
@@ -139,15 +164,16 @@ def flush_routing_metrics(model) -> dict[str, float] | None:
         return None
     args = get_args()
     chunks = model if isinstance(model, list) else [model]
+    writer = _metrics_writer(args)
     means = report_routing_metrics(
-        chunks,
-        iteration=_SCHEDULE.pending_iteration,
-        num_layers=args.num_layers,
-        writer=get_tensorboard_writer(),
+        chunks, iteration=_SCHEDULE.pending_iteration, num_layers=args.num_layers, writer=writer
     )
-    if means is not None:
+    if means is not None and writer is not None:
         text = " | ".join(f"{k} {v:.4g}" for k, v in means.items())
-        print_rank_0(f" [EMO routing] iteration {_SCHEDULE.pending_iteration:8d} | {text}")
+        stage = mpu.get_pipeline_model_parallel_rank()
+        where = f" stage {stage}" if mpu.get_pipeline_model_parallel_world_size() > 1 else ""
+        print(f" [EMO routing{where}] iteration {_SCHEDULE.pending_iteration:8d} | {text}", flush=True)
+        writer.flush()
     _SCHEDULE.pending_iteration = None
     return means
 

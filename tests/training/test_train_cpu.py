@@ -132,3 +132,21 @@ def test_contradictory_flags_fail_at_start_up(corpus, tmp_path, change, named):
     assert proc.returncode != 0
     assert named in proc.stderr, proc.stderr[-3000:]
     assert "iteration" not in proc.stdout.split("training ...")[-1]  # failed before training
+
+
+def test_pp1_checkpoint_resumes_at_pp2(base_run, corpus, tmp_path):
+    """PP=2 over 2 gloo ranks: both stages get the documents (same per-layer pool sizes as PP=1)
+    and the next step's loss matches the PP=1 run."""
+    out, _, base = base_run
+    args = train_args(corpus, str(tmp_path), train_iters=5, extra=[
+        "--pipeline-model-parallel-size", "2", "--load", os.path.join(out, "ckpt"),
+        "--ckpt-step", "4", "--no-load-optim", "--no-load-rng",
+    ])
+    proc = check(run_train(args, nproc=2, timeout=400))
+    pp2 = tb_scalars(os.path.join(tmp_path, "tb"))
+    assert pp2["lm loss"][5] == pytest.approx(base["lm loss"][5], abs=1e-5)
+    for layer in (1, 2):  # layer 1 lives on stage 0 (its own event file), layer 2 on stage 1
+        tag = f"emo/pool_size_mean/layer_{layer}"
+        assert pp2[tag][5] == base[tag][5]
+        assert pp2[f"emo/in_pool_fraction/layer_{layer}"][5] == 1.0
+    assert "[EMO routing stage 0]" in proc.stdout and "[EMO routing stage 1]" in proc.stdout
