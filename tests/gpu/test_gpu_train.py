@@ -45,7 +45,8 @@ def test_train_steps_on_cuda(tmp_path, impl, routing):
     corpus = make_corpus(str(tmp_path / "docs"))
     impl_args = (
         ["--transformer-impl", "local", "--attention-backend", "local", "--spec", "local",
-         "--no-masked-softmax-fusion"]
+         "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
+         "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-persist-layer-norm"]
         if impl == "local"
         else ["--transformer-impl", "transformer_engine", "--moe-grouped-gemm"]
     )
