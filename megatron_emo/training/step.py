@@ -134,6 +134,14 @@ class _MetricsSchedule:
 _SCHEDULE = _MetricsSchedule()
 
 
+def _first_of_stage() -> bool:
+    """Whether this rank is the first TP x DP x CP rank of its pipeline stage."""
+    return (
+        mpu.get_tensor_model_parallel_rank() == 0
+        and mpu.get_data_parallel_rank(with_context_parallel=True) == 0
+    )
+
+
 def _metrics_writer(args):
     """Megatron's writer on the last rank; on the first TP x DP x CP rank of every other
     pipeline stage a writer of its own in the same directory (TensorBoard merges the files)."""
@@ -142,11 +150,7 @@ def _metrics_writer(args):
         return writer
     if mpu.get_pipeline_model_parallel_world_size() == 1:
         return None
-    first_of_stage = (
-        mpu.get_tensor_model_parallel_rank() == 0
-        and mpu.get_data_parallel_rank(with_context_parallel=True) == 0
-    )
-    if not first_of_stage or mpu.is_pipeline_last_stage(ignore_virtual=True):
+    if not _first_of_stage() or mpu.is_pipeline_last_stage(ignore_virtual=True):
         return None
     if _SCHEDULE.stage_writer is None:
         from torch.utils.tensorboard import SummaryWriter
@@ -168,11 +172,12 @@ def flush_routing_metrics(model) -> dict[str, float] | None:
     means = report_routing_metrics(
         chunks, iteration=_SCHEDULE.pending_iteration, num_layers=args.num_layers, writer=writer
     )
-    if means is not None and writer is not None:
+    if means is not None and _first_of_stage():
         text = " | ".join(f"{k} {v:.4g}" for k, v in means.items())
         stage = mpu.get_pipeline_model_parallel_rank()
         where = f" stage {stage}" if mpu.get_pipeline_model_parallel_world_size() > 1 else ""
         print(f" [EMO routing{where}] iteration {_SCHEDULE.pending_iteration:8d} | {text}", flush=True)
+    if writer is not None:
         writer.flush()
     _SCHEDULE.pending_iteration = None
     return means
