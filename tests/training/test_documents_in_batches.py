@@ -172,3 +172,24 @@ def test_token_segments_padding_and_extra_token():
     assert token_segments([2, 3], seq_length=8, add_extra_token=True).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="seq_length 4"):
         token_segments([3, 4], seq_length=4, add_extra_token=False)
+
+
+def test_mock_dataset_samples_carry_documents():
+    """``--mock-data``: EMOMockGPTDataset samples carry segments that match its cu_seqlens."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from megatron_emo.training.data import EMOMockGPTDataset
+
+    config = GPTDatasetConfig(
+        random_seed=1, sequence_length=SEQ, blend=None, split="100,0,0", tokenizer=_Tokenizer(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, inter_document_masking=True, path_to_cache=None,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(EMOMockGPTDataset, [16, None, None], lambda: True, config).build()
+    for idx in range(8):
+        sample = train[idx]
+        cu = torch.unique_consecutive(sample["cu_seqlens"])
+        seg = sample["doc_segments"]
+        assert (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist() == cu[1:-1].tolist()
+        assert (sample["doc_keys"][: int(seg[-1]) + 1] >= 0).all()
