@@ -61,8 +61,8 @@ RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT
     "${EMO_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${LOGGING_ARGS[@]}" \
     2>&1 | tee "$OUT/train.log" | grep -E "iteration +[0-9]+/|EMO routing|validation loss|saved checkpoint|Error"
 
-# The sentencepiece tokenizer of 01_preprocess.sh: eos = eod = 2, pad = 3.
-"$PY" tools/convert_checkpoint.py to-hf "$OUT/checkpoints" "$OUT/hf" --eos-token-id 2 --pad-token-id 3
+# eos/pad ids come from the training tokenizer recorded in the checkpoint (sentencepiece: 2, 3).
+"$PY" tools/convert_checkpoint.py to-hf "$OUT/checkpoints" "$OUT/hf"
 if [ "${SKIP_REPORT:-0}" != 1 ]; then
     "$PY" tools/modularity_report.py "$OUT/hf" --data-prefix "$OUT/data/emo_sample_text_document" \
         --output "$OUT/report" --max-docs "${REPORT_DOCS:-40}" --device cpu

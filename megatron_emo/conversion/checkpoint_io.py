@@ -218,10 +218,36 @@ def shape_from_args(args) -> tuple[EmoShape, str]:
         max_position_embeddings=g("max_position_embeddings") or g("seq_length") or 4096,
         rope_theta=float(g("rotary_base", 10000)),
         rms_norm_eps=g("norm_epsilon", 1e-5),
-        eos_token_id=g("emo_eod_token_id", g("eos_token_id", 100257)),
-        pad_token_id=g("pad_token_id", 100277),
+        **_special_token_ids(args),
     )
     return shape, layout
+
+
+def _special_token_ids(args) -> dict[str, int]:
+    """``eos_token_id``/``pad_token_id`` for the HF config, from a checkpoint's ``args``.
+
+    Explicit ids in ``args`` win; otherwise the training tokenizer (``--tokenizer-type`` /
+    ``--tokenizer-model`` as stored, built the way megatron.training builds it) gives its EOD
+    and pad ids (pad falls back to EOD when it has none); otherwise EMO's published ids.
+    """
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    eos, pad = g("emo_eod_token_id", g("eos_token_id")), g("pad_token_id")
+    if (eos is None or pad is None) and g("tokenizer_type"):
+        try:
+            from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+            tokenizer = build_tokenizer(args)
+            tok_eod = int(tokenizer.eod)
+            tok_pad = getattr(tokenizer, "pad", None)
+            tok_pad = int(tok_pad) if tok_pad is not None and int(tok_pad) >= 0 else tok_eod
+            if tok_eod >= 0:
+                eos = tok_eod if eos is None else eos
+                pad = tok_pad if pad is None else pad
+        except Exception as err:  # noqa: BLE001 (a moved tokenizer file must not stop an export)
+            print(f"note: could not rebuild the training tokenizer ({g('tokenizer_type')}, "
+                  f"{g('tokenizer_model')}): {err}; using EMO's default special token ids")
+    return {"eos_token_id": 100257 if eos is None else int(eos),
+            "pad_token_id": 100277 if pad is None else int(pad)}
 
 
 def megatron_args(shape: EmoShape, shared_layout: str, tp: int = 1, ep: int = 1,

@@ -91,7 +91,10 @@ def test_quickstart_end_to_end(tmp_path):
     assert len(losses) >= 3 and losses[-1] < losses[0] - 0.5, losses  # iterations 1, 10, 20, 30
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "hf" / "config.json").exists()
+    import json
+
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (2, 3)  # the sentencepiece ids
     assert (out / "report" / "report.html").exists()
     assert (out / "subsets" / "math-keep4" / "selection.json").exists()
     assert "quickstart done" in proc.stdout

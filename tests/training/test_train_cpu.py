@@ -150,3 +150,24 @@ def test_pp1_checkpoint_resumes_at_pp2(base_run, corpus, tmp_path):
         assert pp2[tag][5] == base[tag][5]
         assert pp2[f"emo/in_pool_fraction/layer_{layer}"][5] == 1.0
     assert "[EMO routing stage 0]" in proc.stdout and "[EMO routing stage 1]" in proc.stdout
+
+
+def test_hf_export_takes_special_ids_from_the_training_tokenizer(base_run, tmp_path):
+    """to-hf on an entry-point checkpoint: eos/pad come from its --tokenizer-* args
+    (NullTokenizer: EOD = vocab - 1, no pad -> EOD), not EMO's published 100257/100277."""
+    import json
+    import subprocess
+    import sys
+
+    from train_runs import REPO_ROOT, VOCAB, clean_env
+
+    out, _, _ = base_run
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", "to-hf", os.path.join(out, "ckpt"),
+         str(tmp_path / "hf")], cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == VOCAB - 1
+    assert config["pad_token_id"] == VOCAB - 1
