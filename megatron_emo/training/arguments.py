@@ -6,8 +6,8 @@ checks run right after argument parsing, so contradictory flags fail before any 
 
 Megatron symbols: the ``args`` namespace of ``megatron.training.arguments.parse_args``
 (``transformer_impl``, ``clip_grad``, ``use_distributed_optimizer``, ``bf16``, ``fp16``,
-``fp8``, ``num_experts``, ``moe_router_topk``, ``context_parallel_size``,
-``dataloader_inter_document_masking``, ``masked_softmax_fusion``, ``moe_router_fusion``).
+``fp8``, ``num_experts``, ``context_parallel_size``, ``dataloader_inter_document_masking``,
+``masked_softmax_fusion``).
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def validate_emo_args(args: argparse.Namespace, *, te_available: bool) -> None:
 
     Raises:
         ValueError: for a contradiction or something that cannot work on this machine.
+
+    Model-level contradictions (shared experts vs top-k, pool bounds, router fusion, MTP,
+    recompute, ...) are ``EMOTransformerConfig``'s checks, which the entry point runs right after.
     """
     if not args.num_experts:
         raise ValueError(f"EMO trains an MoE model: pass --num-experts (got {args.num_experts})")
@@ -135,15 +138,6 @@ def validate_emo_args(args: argparse.Namespace, *, te_available: bool) -> None:
         )
     if getattr(args, "fp8", None) and impl != "transformer_engine":
         raise ValueError(f"--fp8-format {args.fp8} needs --transformer-impl transformer_engine")
-    if getattr(args, "moe_router_fusion", False):
-        raise ValueError("--moe-router-fusion cannot apply EMO's document pools; drop it")
-    if getattr(args, "mtp_num_layers", None):
-        raise ValueError(f"--mtp-num-layers {args.mtp_num_layers} is not supported with EMO routing")
-    if args.emo_routing == "emo" and args.emo_num_shared_experts >= args.moe_router_topk:
-        raise ValueError(
-            f"--moe-router-topk ({args.moe_router_topk}) counts the --emo-num-shared-experts "
-            f"({args.emo_num_shared_experts}) too and must exceed it"
-        )
     if args.dataloader_inter_document_masking:
         if args.context_parallel_size > 1:
             raise ValueError(

@@ -77,14 +77,16 @@ def get_batch(data_iterator, *, iteration: int, collect_metrics: bool):
     packed_seq_params = None
     use_te = args.transformer_impl == "transformer_engine"
     if args.dataloader_inter_document_masking and use_te:
-        # THD: the micro-batch becomes one packed row; ids are already dense over it.
+        # THD: the micro-batch becomes one packed row; ids are already dense over it. The
+        # boundaries come from the host copy of the ids, so no device sync is needed.
         batch = {k: v.reshape(1, -1) for k, v in batch.items()}
-        doc_ids_T = batch["doc_ids"][0]
+        doc_ids_T = docs.doc_ids.reshape(-1)
         starts = torch.nonzero(doc_ids_T[1:] != doc_ids_T[:-1]).flatten() + 1
         cu_seqlens = torch.cat(
             [starts.new_zeros(1), starts, starts.new_full((1,), doc_ids_T.numel())]
         ).to(torch.int32)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cu_seqlens = cu_seqlens.to(device, non_blocking=True)
         packed_seq_params = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=cu_seqlens,
