@@ -11,18 +11,21 @@ from typing import Literal
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-__all__ = ["EMOTransformerConfig"]
+__all__ = ["EMOTransformerConfig", "uniform_routing_ep_loads"]
 
 
 @dataclass
 class EMOTransformerConfig(TransformerConfig):
     """Transformer config with EMO document-pool routing.
 
-    ``moe_router_topk`` counts every expert a token uses, including the
-    ``emo_num_shared_experts`` always-on experts that sit in the router's last columns. Pool sizes
-    count routed (non-shared) experts only. Megatron's own ``SharedExpertMLP``
-    (``moe_shared_expert_intermediate_size``) is the other way to get EMO's shared expert: it is
-    computed outside the router, so then ``emo_num_shared_experts`` stays 0.
+    Router columns and Megatron experts are ordered ``[routed R | padding Pd | shared S]`` with
+    ``num_moe_experts = R + Pd + S``. ``moe_router_topk`` counts every expert a token uses,
+    including the ``emo_num_shared_experts`` always-on experts in the last columns. Pool sizes
+    and the load-balancing loss count routed experts only. Megatron's own ``SharedExpertMLP``
+    (``moe_shared_expert_intermediate_size``) is the other way to get EMO's shared expert,
+    computed outside the router on every rank (``emo_num_shared_experts`` 0); at expert-parallel
+    size > 1 that layout keeps the ranks balanced, with ``emo_num_padding_experts`` padding the
+    routed experts to a multiple of the EP size (EMO 1B14B at EP 8: 127 routed + 1 padding).
     """
 
     emo_routing: Literal["emo", "standard"] = "emo"
@@ -42,6 +45,13 @@ class EMOTransformerConfig(TransformerConfig):
     emo_num_shared_experts: int = 0
     """Shared experts inside the router: the last router columns, always selected, weight 1.0."""
 
+    emo_num_padding_experts: int = 0
+    """Never-routed experts between the routed and the shared columns, so that the expert count
+    divides the expert-parallel size without an always-busy expert (``(-R) mod EP``). They are
+    ordinary Megatron experts (weights exist, EP-sharded like the others) that are left out of
+    pools, scores, top-k, the losses, the expert bias and the metrics: they receive no token and
+    no gradient, and neither do their router rows."""
+
     emo_pool_size_seed: int = 12536
     """Seed of the counter-based pool-size draw, keyed by (seed, iteration, layer, document)."""
 
@@ -57,23 +67,36 @@ class EMOTransformerConfig(TransformerConfig):
     flags give the total weight (EMO: 0.1 and 1e-3 over 16 layers, 0.00625 and 6.25e-5 each)."""
 
     def __post_init__(self) -> None:
+        if self.moe_router_dtype is None:
+            # EMO computes router logits in fp32 (emo_spec.md 1.2 step 3); Megatron's default runs
+            # the router GEMM in the activation dtype (router.py:87 gating), bf16 in the recipe.
+            self.moe_router_dtype = "fp32"
         super().__post_init__()
         if not self.num_moe_experts:
             raise ValueError(f"EMO routing needs an MoE model: num_moe_experts is {self.num_moe_experts}")
         if self.emo_routing not in ("emo", "standard"):
             raise ValueError(f"emo_routing must be 'emo' or 'standard', got {self.emo_routing!r}")
         num_shared = self.emo_num_shared_experts
-        num_routed = self.num_moe_experts - num_shared
-        if not 0 <= num_shared < self.num_moe_experts:
+        num_padding = self.emo_num_padding_experts
+        if num_shared < 0 or num_padding < 0:
             raise ValueError(
-                f"emo_num_shared_experts ({num_shared}) must be in [0, num_moe_experts "
-                f"({self.num_moe_experts}))"
+                f"emo_num_shared_experts ({num_shared}) and emo_num_padding_experts "
+                f"({num_padding}) must be >= 0"
+            )
+        num_routed = self.num_moe_experts - num_shared - num_padding
+        if num_routed < 1:
+            raise ValueError(
+                f"num_moe_experts ({self.num_moe_experts}) must leave at least one routed expert "
+                f"besides emo_num_shared_experts ({num_shared}) and emo_num_padding_experts "
+                f"({num_padding})"
             )
         num_slots = self.moe_router_topk - num_shared
         if not 1 <= num_slots <= num_routed:
             raise ValueError(
                 f"moe_router_topk ({self.moe_router_topk}) counts the emo_num_shared_experts "
-                f"({num_shared}) too, so it must leave between 1 and {num_routed} routed slots"
+                f"({num_shared}) too, so it must leave between 1 and {num_routed} routed slots "
+                f"(routed experts: num_moe_experts {self.num_moe_experts} - shared - "
+                f"emo_num_padding_experts {num_padding})"
             )
         if self.emo_routing == "emo":
             if not num_slots <= self.emo_pool_size_min <= self.emo_pool_size_max:
@@ -87,7 +110,14 @@ class EMOTransformerConfig(TransformerConfig):
                     f"emo_pool_size_eval ({self.emo_pool_size_eval}) must be >= the routed slots "
                     f"per token, moe_router_topk - emo_num_shared_experts ({num_slots})"
                 )
+        if self.emo_renormalize_probs and num_slots == 1:
+            raise ValueError(
+                "emo_renormalize_probs with one routed slot (moe_router_topk "
+                f"{self.moe_router_topk} - emo_num_shared_experts {num_shared}) makes every "
+                "routed weight 1.0, so the LM loss gives the router no gradient"
+            )
         self._check_megatron_options()
+        self._warn_about_unbalanced_expert_parallel_ranks()
 
     def _check_megatron_options(self) -> None:
         """Refuses Megatron options that contradict EMO routing, naming them."""
@@ -122,6 +152,23 @@ class EMOTransformerConfig(TransformerConfig):
         for name, value in refused.items():
             if value:
                 raise ValueError(f"EMO routing does not support {name}; got {value!r}")
+        for name in ("mlp_chunks_for_training", "mlp_chunks_for_prefill"):
+            if getattr(self, name) > 1:
+                raise ValueError(
+                    f"EMO routing does not support {name}={getattr(self, name)}: chunking the "
+                    "sequence splits documents over separate router calls, so no call sees a "
+                    "whole document's pool statistics; leave it at 1"
+                )
+        if self.moe_pad_expert_input_to_capacity and (
+            self.emo_num_shared_experts or self.emo_num_padding_experts
+        ):
+            raise ValueError(
+                "moe_pad_expert_input_to_capacity=True fills every expert to the same capacity "
+                "(token_dispatcher.py:511), so the in-router shared experts would lose tokens and "
+                "the padding experts would receive some; not supported with "
+                f"emo_num_shared_experts={self.emo_num_shared_experts} or "
+                f"emo_num_padding_experts={self.emo_num_padding_experts}"
+            )
         if self.cuda_graph_impl != "none":
             raise ValueError(
                 f"EMO routing reads per-micro-batch documents in Python: cuda_graph_impl must be "
@@ -143,7 +190,66 @@ class EMOTransformerConfig(TransformerConfig):
                 stacklevel=3,
             )
 
+    def _warn_about_unbalanced_expert_parallel_ranks(self) -> None:
+        """Warns when in-router shared experts overload one expert-parallel rank."""
+        ep = self.expert_model_parallel_size
+        num_shared = self.emo_num_shared_experts
+        if ep <= 1 or num_shared == 0:
+            return
+        loads = uniform_routing_ep_loads(
+            num_routed=self.emo_num_routed_experts,
+            num_padding=self.emo_num_padding_experts,
+            num_shared=num_shared,
+            num_slots=self.moe_router_topk - num_shared,
+            ep_size=ep,
+        )
+        mean = sum(loads) / len(loads)
+        busiest = max(loads)
+        others = [x for x in loads if x != busiest] or loads
+        num_routed = self.emo_num_routed_experts
+        num_padding = (-num_routed) % ep
+        warnings.warn(
+            f"emo_num_shared_experts={num_shared} at expert_model_parallel_size={ep}: every "
+            f"token also goes to the shared expert(s), so under uniform routing the EP rank that "
+            f"hosts them receives {busiest / mean:.2f}x the mean token-expert assignments per "
+            f"rank ({busiest / max(others):.2f}x the other ranks) and all ranks wait for it. "
+            "Balanced layout: the shared expert as Megatron's SharedExpertMLP and never-routed "
+            f"padding experts: --emo-num-shared-experts 0 --moe-shared-expert-intermediate-size "
+            f"{num_shared * (self.moe_ffn_hidden_size or self.ffn_hidden_size)} --num-experts "
+            f"{num_routed + num_padding} --emo-num-padding-experts {num_padding} "
+            f"--moe-router-topk {self.moe_router_topk - num_shared} "
+            "(optionally --moe-shared-expert-overlap)",
+            stacklevel=3,
+        )
+
     @property
     def emo_num_routed_experts(self) -> int:
-        """Routed (non-shared) experts per layer: the ones pools choose from."""
-        return self.num_moe_experts - self.emo_num_shared_experts
+        """Routed experts per layer (neither shared nor padding): the ones pools choose from."""
+        return self.num_moe_experts - self.emo_num_shared_experts - self.emo_num_padding_experts
+
+
+def uniform_routing_ep_loads(
+    *, num_routed: int, num_padding: int, num_shared: int, num_slots: int, ep_size: int
+) -> list[float]:
+    """Token-expert assignments each EP rank receives per token under uniform routing.
+
+    Experts are laid out ``[routed | padding | shared]`` and split into ``ep_size`` contiguous
+    blocks (Megatron's expert-parallel sharding). A routed expert receives ``num_slots /
+    num_routed`` assignments per token, a padding expert none, a shared expert one.
+
+    Args:
+        num_routed: routed experts R.
+        num_padding: never-routed padding experts.
+        num_shared: in-router shared experts.
+        num_slots: routed slots per token.
+        ep_size: expert-parallel size; must divide the expert count.
+
+    Returns:
+        One float per EP rank.
+    """
+    num_experts = num_routed + num_padding + num_shared
+    if num_experts % ep_size:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})")
+    per_expert = [num_slots / num_routed] * num_routed + [0.0] * num_padding + [1.0] * num_shared
+    block = num_experts // ep_size
+    return [sum(per_expert[r * block : (r + 1) * block]) for r in range(ep_size)]

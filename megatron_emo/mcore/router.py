@@ -64,7 +64,23 @@ class EMORouter(TopKRouter):
             raise TypeError(f"EMORouter needs an EMOTransformerConfig, got {type(config).__name__}")
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kwargs)
         self.num_shared_experts = config.emo_num_shared_experts
+        self.num_padding_experts = config.emo_num_padding_experts
         self.num_routed_experts = config.emo_num_routed_experts
+        if self.enable_expert_bias:
+            # Only routed experts have a bias. Megatron sizes both buffers (E,) and pushes every
+            # column towards the mean over all E columns (moe_utils.py:1163
+            # get_updated_expert_bias, via finalize_model_grads.py:334), which the always-on
+            # shared columns would inflate; with (R,) buffers its update uses the routed mean.
+            device = self.expert_bias.device
+            self.register_buffer(
+                "local_tokens_per_expert",
+                torch.zeros(self.num_routed_experts, dtype=torch.float32, device=device),
+                persistent=False,
+            )
+            self.register_buffer(
+                "expert_bias",
+                torch.zeros(self.num_routed_experts, dtype=torch.float32, device=device),
+            )
         # Document partial sums live on the ranks that hold shards of the same sequences.
         pool_group = self.tp_cp_group if config.sequence_parallel else self.cp_group
         self._pool_reduce_fn = all_reduce_fn(pool_group)
@@ -143,6 +159,10 @@ class EMORouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """EMO routing of ``[s, b, E]`` logits.
 
+        Columns are ``[routed R | padding Pd | shared S]``. The padding columns are cut out
+        before routing and come back as zero columns of ``probs`` and ``routing_map``, so the
+        pure routing functions never see them and their logits get no gradient.
+
         Args:
             logits: ``[s, b, E]`` router logits (``s`` is this rank's sequence shard).
             padding_mask: optional ``[s, b]`` bool, True for padding (excluded from the losses).
@@ -151,9 +171,14 @@ class EMORouter(TopKRouter):
             ``(probs, routing_map)``, both ``[s * b, E]``.
         """
         seq_length, bsz = logits.shape[:2]
+        num_routed, num_padding = self.num_routed_experts, self.num_padding_experts
         logits_TE = logits.reshape(-1, self.config.num_moe_experts)
         valid_T = None if padding_mask is None else ~padding_mask.reshape(-1)
-        routed_logits_TR = logits_TE[:, : self.num_routed_experts]
+        routed_logits_TR = logits_TE[:, :num_routed]
+        if num_padding:
+            logits_TX = torch.cat([routed_logits_TR, logits_TE[:, num_routed + num_padding :]], 1)
+        else:
+            logits_TX = logits_TE  # X = R + S: the columns that take part in routing
 
         docs = current_documents()
         collect_metrics = docs is not None and docs.collect_metrics
@@ -174,36 +199,40 @@ class EMORouter(TopKRouter):
         if with_losses and self.z_coeff > 0:
             masked_TR = routed_logits_TR.float().masked_fill(~in_pool_TR, float("-inf"))
             z = z_loss(masked_TR, valid_T=valid_T) * (self.z_coeff / self.tp_cp_group.size())
-            logits_TE = self._attach_aux_loss(logits_TE, z, "z_loss", self.z_coeff, valid_T)
+            logits_TX = self._attach_aux_loss(logits_TX, z, "z_loss", self.z_coeff, valid_T)
 
-        expert_bias_R = None
-        if self.expert_bias is not None:
-            expert_bias_R = self.expert_bias[: self.num_routed_experts]
         result = route_within_pools(
-            logits_TE,
+            logits_TX,
             in_pool_TR,
             topk=self.topk,
             num_shared_experts=self.num_shared_experts,
             renormalize=self.config.emo_renormalize_probs,
             score_function=self.score_function,
-            expert_bias_R=expert_bias_R,
+            expert_bias_R=self.expert_bias,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
         )
-        probs, routing_map = result.probs, result.routing_map
+        probs_TX, routing_map_TX = result.probs, result.routing_map
         if collect_metrics:
             self._record_metrics(
-                routing_metrics(result.scores, result.routed_map, in_pool_TR, doc_ids_T, pool_sizes_D)
+                routing_metrics(
+                    result.scores, result.routed_map, in_pool_TR, doc_ids_T, pool_sizes_D,
+                    reduce_fn=self._pool_reduce_fn,
+                )
             )
 
         if self.config.moe_expert_capacity_factor is not None:
-            probs, routing_map = apply_router_token_dropping(
-                probs,
-                routing_map,
-                router_topk=self.topk,
+            # Capacity applies among the routed columns only: the shared experts take every
+            # token (Megatron's drop over the whole map would cap them like a routed expert).
+            dropped_probs_TR, dropped_map_TR = apply_router_token_dropping(
+                probs_TX[:, :num_routed],
+                routing_map_TX[:, :num_routed],
+                router_topk=self.topk - self.num_shared_experts,
                 capacity_factor=self.config.moe_expert_capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy,
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
             )
+            probs_TX = torch.cat([dropped_probs_TR, probs_TX[:, num_routed:]], dim=1)
+            routing_map_TX = torch.cat([dropped_map_TR, routing_map_TX[:, num_routed:]], dim=1)
 
         if with_losses and self.lb_coeff > 0:
             load_R1 = expert_load(result.routed_map, reduce_fn=self._lb_reduce_fn, valid_T=valid_T)
@@ -220,10 +249,36 @@ class EMORouter(TopKRouter):
             # whose router-weight gradients are summed (SP) or averaged with DP (CP), so that
             # DP gradient averaging yields the gradient of the global loss (see routing/losses).
             lb = lb * (self.lb_coeff / self.tp_cp_group.size())
-            probs = self._attach_aux_loss(probs, lb, "load_balancing_loss", self.lb_coeff, valid_T)
+            probs_TX = self._attach_aux_loss(
+                probs_TX, lb, "load_balancing_loss", self.lb_coeff, valid_T
+            )
 
-        self._apply_expert_bias(routing_map, padding_mask=None if valid_T is None else ~valid_T)
-        return probs, routing_map
+        padding_T = None if valid_T is None else ~valid_T
+        self._apply_expert_bias(routing_map_TX[:, :num_routed], padding_mask=padding_T)
+        if num_padding:
+            probs_TX = self._insert_padding_columns(probs_TX)
+            routing_map_TX = self._insert_padding_columns(routing_map_TX)
+        return probs_TX, routing_map_TX
+
+    def _insert_padding_columns(self, x_TX: torch.Tensor) -> torch.Tensor:
+        """``[routed | shared]`` columns -> ``[routed | padding (zeros / False) | shared]``."""
+        num_routed = self.num_routed_experts
+        zeros_TP = x_TX.new_zeros((x_TX.shape[0], self.num_padding_experts))
+        return torch.cat([x_TX[:, :num_routed], zeros_TP, x_TX[:, num_routed:]], dim=1)
+
+    def _apply_expert_bias(
+        self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> None:
+        """Adds the routed assignments ``(T, R)`` of non-padding tokens to the bias counts.
+
+        Replaces Megatron's version (router.py:728), whose ``(T, E) & (T,)`` padding mask does
+        not broadcast; like it, counts nothing in evaluation or recomputation without grad.
+        """
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & ~padding_mask[:, None]
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
 
     def _record_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
         """Adds one micro-batch's routing diagnostics to the running sums (no host sync)."""

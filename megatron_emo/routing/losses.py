@@ -48,7 +48,11 @@ def expert_load(
             counts_TR = counts_TR * valid_T[:, None]
             num_tokens = valid_T.sum().float()
         else:
-            num_tokens = torch.tensor(float(routed_map_TR.shape[0]), device=routed_map_TR.device)
+            # A device fill, not torch.tensor(python float, device=...): that is a blocking
+            # host-to-device copy on CUDA.
+            num_tokens = torch.full(
+                (), float(routed_map_TR.shape[0]), dtype=torch.float32, device=routed_map_TR.device
+            )
         # Counts and token count travel in one collective.
         load_R1 = torch.cat([counts_TR.sum(dim=0), num_tokens.reshape(1)])
         return reduce_fn(load_R1) if reduce_fn is not None else load_R1

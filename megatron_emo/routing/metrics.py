@@ -5,6 +5,8 @@ Shape legend: T tokens, R routed experts, D documents.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from megatron_emo.routing.documents import segment_sum
@@ -26,8 +28,14 @@ def routing_metrics(
     in_pool_TR: torch.Tensor,
     doc_ids_T: torch.Tensor,
     pool_sizes_D: torch.Tensor,
+    *,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """EMO routing diagnostics of one layer.
+
+    The per-document statistics are of whole documents: when a document's tokens are spread
+    over SP/CP shards, ``reduce_fn`` sums the ``(D, R)`` partial sums over the shards (a shard
+    alone would count a document without tokens on it as using no expert).
 
     Args:
         scores_TR: ``(T, R)`` routing probabilities over the routed experts (inside the pool).
@@ -35,6 +43,8 @@ def routing_metrics(
         in_pool_TR: ``(T, R)`` bool, the token's document pool.
         doc_ids_T: ``(T,)`` int64 document ids in ``[0, D)``.
         pool_sizes_D: ``(D,)`` pool sizes (all R for standard routing).
+        reduce_fn: sums the per-document partial sums over the ranks that hold shards of the
+            same documents; identity if None.
 
     Returns:
         0-dim float32 tensors ``pool_size_mean``, ``experts_per_document`` (distinct routed
@@ -45,9 +55,15 @@ def routing_metrics(
         broken), plus ``expert_load`` ``(R,)`` token counts per expert.
     """
     num_docs = pool_sizes_D.shape[0]
+    num_routed = routed_map_TR.shape[1]
     routed_f_TR = routed_map_TR.float()
-    used_DR = segment_sum(routed_f_TR, doc_ids_T, num_docs) > 0
+    uses_DR = segment_sum(routed_f_TR, doc_ids_T, num_docs)
     mass_DR = segment_sum(scores_TR.float().detach(), doc_ids_T, num_docs)
+    if reduce_fn is not None:
+        # Both partial sums travel in one collective.
+        both_D2R = reduce_fn(torch.cat([uses_DR, mass_DR], dim=1))
+        uses_DR, mass_DR = both_D2R[:, :num_routed], both_D2R[:, num_routed:]
+    used_DR = uses_DR > 0
     dist_DR = mass_DR / mass_DR.sum(-1, keepdim=True).clamp_min(1e-20)
     entropy_D = -(dist_DR * dist_DR.clamp_min(1e-20).log()).sum(-1)
     load_R = routed_f_TR.sum(0)

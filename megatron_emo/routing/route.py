@@ -26,7 +26,8 @@ class EMORouting(NamedTuple):
         probs: ``(T, E)`` routing weights, zero off ``routing_map``; shared columns are 1.0.
         routing_map: ``(T, E)`` bool, the selected experts (shared ones always True).
         scores: ``(T, R)`` routed scores after pool masking (zero outside the pool), fp32,
-            differentiable: the ``P`` factor of the load-balancing loss.
+            differentiable: the ``P`` factor of the load-balancing loss (sigmoid scores are
+            normalised to sum 1 per token).
         routed_map: ``(T, R)`` bool, the routed part of ``routing_map``.
         masked_logits: ``(T, R)`` fp32 routed logits with ``-inf`` outside the pool (z-loss input).
     """
@@ -54,7 +55,8 @@ def route_within_pools(
     Softmax scoring (EMO): ``s = softmax`` over the pool-masked routed logits, so the pool is
     renormalised and experts outside it get exactly 0; the chosen experts keep their ``s``
     (they sum to <= 1) unless ``renormalize``. Sigmoid scoring (for aux-loss-free expert bias):
-    ``s = sigmoid(z)`` inside the pool, chosen weights renormalised to sum 1 (Megatron's rule).
+    ``s = sigmoid(z)`` inside the pool, chosen weights renormalised to sum 1 when there is more
+    than one routed slot (Megatron's rule).
     An expert bias only changes the selection, and the pool mask is applied after it, so a
     bias can never lift an expert outside the pool.
 
@@ -97,7 +99,10 @@ def route_within_pools(
         top_idx_TK = torch.topk(selection_TR, num_slots, dim=-1).indices
 
     weights_TK = scores_TR.gather(1, top_idx_TK)
-    if renormalize or score_function == "sigmoid":
+    # Sigmoid weights are renormalised over the chosen experts except with one slot (Megatron's
+    # rule, moe_utils.py topk_routing_with_score_function): a lone weight of 1.0 would give the
+    # router no gradient from the LM loss.
+    if renormalize or (score_function == "sigmoid" and num_slots > 1):
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
     if scaling_factor is not None:
         weights_TK = weights_TK * scaling_factor
@@ -111,6 +116,11 @@ def route_within_pools(
         routing_map_TE = torch.cat([routed_map_TR, shared_map_TS], dim=1)
     else:
         probs_TE, routing_map_TE = routed_probs_TR, routed_map_TR
+    if score_function == "sigmoid":
+        # The load-balancing loss balances normalised sigmoid scores, as Megatron
+        # (compute_routing_scores_for_aux_loss) and the reference do: raw scores would make a
+        # uniform router's loss R/2 instead of 1.
+        scores_TR = scores_TR / (scores_TR.sum(dim=-1, keepdim=True) + 1e-20)
     return EMORouting(
         probs=probs_TE.to(logits_TE.dtype),
         routing_map=routing_map_TE,

@@ -50,7 +50,16 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--emo-num-shared-experts", type=int, default=0, dest="emo_num_shared_experts",
         help="Always-on experts in the router's last columns (weight 1.0); counted in "
-        "--num-experts and --moe-router-topk. EMO 1B14B: 1.",
+        "--num-experts and --moe-router-topk. At EP > 1 they overload one expert-parallel "
+        "rank: use --moe-shared-expert-intermediate-size with --emo-num-padding-experts instead.",
+    )
+    group.add_argument(
+        "--emo-num-padding-experts", type=int, default=0, dest="emo_num_padding_experts",
+        help="Never-routed experts after the routed ones (before any in-router shared expert), "
+        "counted in --num-experts, so that it divides --expert-model-parallel-size: (-R) mod EP "
+        "for R routed experts. They get no tokens, no gradient and no place in pools, losses or "
+        "metrics. EMO 1B14B at EP 8: 127 routed + 1 padding with "
+        "--moe-shared-expert-intermediate-size 1024.",
     )
     group.add_argument(
         "--emo-pool-size-seed", type=int, default=12536, dest="emo_pool_size_seed",

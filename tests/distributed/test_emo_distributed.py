@@ -1,5 +1,6 @@
-"""Two gloo processes on CPU: EP=2 equals EP=1; documents split over SP or CP ranks get the pools of
-the unsplit batch; the load-balancing gradient under DP=2 equals the single-process gradient.
+"""Two gloo processes on CPU: EP=2 equals EP=1; documents split over SP or CP ranks get the pools
+and the per-document routing diagnostics of the unsplit batch; the load-balancing gradient under
+DP=2 equals the single-process gradient.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/distributed -q``
 """
@@ -97,7 +98,7 @@ def _expected_full(router, hidden, docs):
 def _split_documents(rank: int, world_size: int, mode: str) -> None:
     from megatron_emo.mcore import routing_context
     from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
-    from megatron_emo.routing import DocumentBatch
+    from megatron_emo.routing import DocumentBatch, document_pool_mask, sample_pool_sizes
 
     seq, bsz = 32, 2
     common = dict(num_moe_experts=16, moe_router_topk=3, emo_pool_size_min=2, emo_pool_size_max=4)
@@ -112,8 +113,8 @@ def _split_documents(rank: int, world_size: int, mode: str) -> None:
 
     half = seq // 2
     shard = slice(rank * half, (rank + 1) * half)
-    if mode == "cp":  # the forward step hands each CP rank its slice of the ids
-        docs = DocumentBatch(docs.doc_ids[:, shard], docs.doc_keys, docs.iteration)
+    shard_ids = docs.doc_ids[:, shard] if mode == "cp" else docs.doc_ids  # CP: the step slices
+    docs = DocumentBatch(shard_ids, docs.doc_keys, docs.iteration, collect_metrics=True)
     router.train()
     with routing_context(docs):
         probs, routing_map = router(hidden[shard])
@@ -121,15 +122,24 @@ def _split_documents(rank: int, world_size: int, mode: str) -> None:
     assert torch.equal(routing_map, exp_map[rows])
     torch.testing.assert_close(probs.detach(), exp_probs[rows], atol=1e-6, rtol=0)
 
-    # Sensitivity: pools computed from this shard alone differ from whole-document pools.
-    from megatron_emo.routing import document_pool_mask, sample_pool_sizes
+    # Per-document diagnostics are those of whole documents, although some documents have no
+    # token on this shard (they would count as using no expert).
+    from megatron_emo.routing import route_within_pools, routing_metrics
 
-    full_logits = (hidden.float() @ router.weight.detach().float().t()).reshape(-1, 16)
-    full_ids = _full_doc_ids(seq, bsz, docs, mode)
-    pools = sample_pool_sizes(docs.doc_keys, seed=config.emo_pool_size_seed, iteration=3, layer=1,
-                              min_size=2, max_size=4)
-    whole = document_pool_mask(full_logits[:, :15], full_ids, pools)[rows]
-    local = document_pool_mask(full_logits[rows, :15], full_ids[rows], pools)
+    logits_TE = (hidden.float() @ router.weight.detach().float().t()).reshape(-1, 16)
+    full_ids_T = _full_doc_ids(seq, bsz, docs, mode)
+    pools_D = sample_pool_sizes(docs.doc_keys, seed=config.emo_pool_size_seed, iteration=3,
+                                layer=1, min_size=2, max_size=4)
+    in_pool_TR = document_pool_mask(logits_TE[:, :15], full_ids_T, pools_D)
+    full = route_within_pools(logits_TE, in_pool_TR, topk=3, num_shared_experts=1)
+    whole_doc = routing_metrics(full.scores, full.routed_map, in_pool_TR, full_ids_T, pools_D)
+    assert set(full_ids_T[rows].tolist()) != set(range(docs.num_docs))  # some doc not on shard
+    for name in ("pool_size_mean", "experts_per_document", "document_routing_entropy"):
+        torch.testing.assert_close(router.routing_metric_sums[name], whole_doc[name], msg=name)
+
+    # Sensitivity: pools computed from this shard alone differ from whole-document pools.
+    whole = in_pool_TR[rows]
+    local = document_pool_mask(logits_TE[rows, :15], full_ids_T[rows], pools_D)
     differs = torch.tensor(float(not torch.equal(whole, local)))
     dist.all_reduce(differs)
     assert differs.item() > 0, "test batch too easy: shard-local pools already agree"

@@ -105,12 +105,17 @@ def test_ep2_checkpoint_resumes_at_ep1(ep2_resumed_run, corpus, tmp_path):
     assert ep1["lm loss"][7] == pytest.approx(ep2["lm loss"][7], abs=1e-5)
 
 
-def test_standard_routing_baseline_trains(corpus, tmp_path):
-    args = train_args(corpus, str(tmp_path), train_iters=4, extra=["--emo-routing", "standard"])
+def test_standard_routing_baseline_trains_with_the_balanced_layout(corpus, tmp_path):
+    """The recipe's standard twin (02b): no pools, and the EP-balanced layout (SharedExpertMLP,
+    7 routed + 1 padding expert)."""
+    balanced = ["--emo-num-shared-experts", "0", "--emo-num-padding-experts", "1",
+                "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "64"]
+    args = train_args(corpus, str(tmp_path), train_iters=4,
+                      extra=["--emo-routing", "standard", *balanced])
     proc = check(run_train(args))
     scalars = tb_scalars(os.path.join(tmp_path, "tb"))
     assert "[EMO routing]" in proc.stdout
-    # No pools: every document may use all 7 routed experts.
+    # No pools: every document may use all 7 routed experts (the padding expert is not one).
     assert scalars["emo/pool_size_mean"][4] == 7.0
     assert scalars["emo/in_pool_fraction"][4] == 1.0
     assert scalars["lm loss"][4] < scalars["lm loss"][1]
