@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# EMO 1B14B (emo_spec.md section 3): 16 MoE layers, d 2048, 16 heads, 128 experts of 1024
-# (127 routed + 1 shared, top-8 = 7 + 1), pools 8..128 in training and 32 in evaluation, lr 4e-3
+# EMO 1B14B (emo_spec.md section 3): 16 MoE layers, d 2048, 16 heads, experts of 1024: 127
+# routed (top-7) + 1 shared, pools 8..128 in training and 32 in evaluation, lr 4e-3
 # cosine to 4e-4 after 2000 warm-up steps, AdamW 0.9/0.95, wd 0.1, clip 1.0, 1024 x 4096 tokens
 # per step, RMSNorm 1e-6, RoPE 500k, untied embeddings, LB 0.1 and z 1e-3 split over the layers,
 # fp32 router, bf16, Transformer Engine grouped GEMM. One node (torchrun) or many (see
 # examples/slurm/train_emo.sbatch, which sources this file's arrays with DEFINE_ONLY=1).
+# EP-balanced layout: the shared expert is Megatron's SharedExpertMLP (computed on every rank,
+# overlapped with the token dispatch), and the 127 routed experts are padded with never-routed
+# experts to a multiple of EP ((-127) mod EP: 1 at EP 8, so 128 Megatron experts). The published
+# in-router layout (--emo-num-shared-experts 1, expert 127 always on) sends every token to the
+# last EP rank: 1.83x the mean load per rank at EP 8 (benchmarks/bench_ep_load.py).
 #   DATA_PATH=/data/olmoe_mix_text_document NGPU=8 bash examples/02_train_emo_1b14b.sh
 #   DRY_RUN=1 NNODES=16 bash examples/02_train_emo_1b14b.sh     # check every flag, no GPU needed
 set -euo pipefail
@@ -23,6 +28,8 @@ TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-allenai/dolma2-tokenizer}
 TRAIN_ITERS=${TRAIN_ITERS:-238419}           # 1T tokens at 4,194,304 tokens per step
 PY=${PY:-python}
+NUM_ROUTED=127
+NUM_PADDING=$(( (EP - NUM_ROUTED % EP) % EP ))  # never-routed experts: a multiple of EP in all
 
 DISTRIBUTED_ARGS=(
     --nproc-per-node "$NGPU" --nnodes "$NNODES" --node-rank "$NODE_RANK"
@@ -39,13 +46,14 @@ MODEL_ARGS=(
     --transformer-impl transformer_engine
 )
 MOE_ARGS=(
-    --num-experts 128 --moe-ffn-hidden-size 1024 --moe-router-topk 8
+    --num-experts $((NUM_ROUTED + NUM_PADDING)) --moe-ffn-hidden-size 1024 --moe-router-topk 7
+    --moe-shared-expert-intermediate-size 1024 --moe-shared-expert-overlap
     --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.1 --moe-z-loss-coeff 1e-3
     --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall --moe-grouped-gemm
     --expert-model-parallel-size "$EP"
 )
 EMO_ARGS=(
-    --emo-routing "$ROUTING" --emo-num-shared-experts 1
+    --emo-routing "$ROUTING" --emo-num-shared-experts 0 --emo-num-padding-experts "$NUM_PADDING"
     --emo-pool-size-min 8 --emo-pool-size-max 128 --emo-pool-size-eval 32
     --emo-pool-size-seed 12536
 )

@@ -52,7 +52,9 @@ def test_recipe_flags_pass_dry_run(script, sp_model):
     line = [ln for ln in proc.stdout.splitlines() if "arguments OK" in ln]
     assert line, proc.stdout[-2000:]
     assert "world size 128" in line[0] and "EP 8" in line[0] and "DP 128" in line[0]
-    assert "16 layers, 128 experts (1 shared), top-8" in line[0]
+    # The EP-balanced layout: 127 routed + 1 padding expert, the shared expert as SharedExpertMLP.
+    assert ("16 layers, 128 experts (127 routed, 1 padding, 0 shared in the router; shared "
+            "expert MLP 1024), top-7") in line[0]
     assert "1024 x 4096 tokens per step" in line[0]
     routing = "standard" if "stdmoe" in script else "emo"
     assert f"routing {routing}, pools 8...128 (eval 32)" in line[0]
