@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from megatron_emo.quiet import filter_known_messages
+
 
 def _transformer_engine_importable() -> bool:
     try:  # GPU-only dependency: imported lazily, never at module import time.
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if "--cpu" in sys.argv[1:]:
+        filter_known_messages("cpu")  # before megatron's imports warn about CUDA, TE and apex
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
