@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_emo.training.arguments import add_emo_args, validate_emo_args
-    from megatron_emo.training.compat import use_prebuilt_dataset_helpers
+    from megatron_emo.training.compat import (
+        reset_log_sums_on_window_end,
+        use_prebuilt_dataset_helpers,
+    )
     from megatron_emo.training.model_provider import emo_config_from_args, model_provider
     from megatron_emo.training.step import (
         flush_routing_metrics,
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     use_prebuilt_dataset_helpers()
+    reset_log_sums_on_window_end()  # resumed runs log the same losses as uninterrupted ones
     if args.cpu:
         _init_cpu_distributed(args)
 
