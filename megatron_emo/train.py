@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from megatron_emo.quiet import filter_known_messages
+
 
 def _transformer_engine_importable() -> bool:
     try:  # GPU-only dependency: imported lazily, never at module import time.
@@ -56,13 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     """
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if "--cpu" in sys.argv[1:]:
+        filter_known_messages("cpu")  # before megatron's imports warn about CUDA, TE and apex
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_emo.training.arguments import add_emo_args, validate_emo_args
-    from megatron_emo.training.compat import use_prebuilt_dataset_helpers
+    from megatron_emo.training.compat import (
+        reset_log_sums_on_window_end,
+        use_prebuilt_dataset_helpers,
+    )
     from megatron_emo.training.model_provider import emo_config_from_args, model_provider
     from megatron_emo.training.step import (
         flush_routing_metrics,
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     use_prebuilt_dataset_helpers()
+    reset_log_sums_on_window_end()  # resumed runs log the same losses as uninterrupted ones
     if args.cpu:
         _init_cpu_distributed(args)
 

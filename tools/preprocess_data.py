@@ -65,13 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-interval", type=int, default=100_000,
                        help="records between progress lines when stderr is not a terminal")
     group.add_argument("--quiet", action="store_true", help="no progress output")
+    group.add_argument("--allow-empty", action="store_true",
+                       help="write the dataset even if no document results (default: exit 1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the preprocessing; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    from megatron_emo.data.preprocess import BadRecordError, format_summary, preprocess_jsonl
+    from megatron_emo.data.preprocess import (
+        BadRecordError,
+        EmptyDatasetError,
+        format_summary,
+        preprocess_jsonl,
+    )
 
     try:
         if args.input_format == "npy":
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = convert_token_arrays(
                 args.input, output_prefix=args.output_prefix, eos_id=args.eos_id,
                 vocab_size=args.vocab_size, input_dtype=args.input_dtype,
-                json_key=args.json_keys[0])
+                json_key=args.json_keys[0], allow_empty=args.allow_empty)
         else:
             if args.tokenizer_type is None:
                 raise ValueError("--tokenizer-type is required for JSONL input")
@@ -104,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                 metadata_keys=metadata_keys, append_eod=args.append_eod, workers=args.workers,
                 on_error=args.on_error, max_line_bytes=args.max_line_bytes,
                 log_interval=args.log_interval, progress=not args.quiet,
-                tokenizer_overrides=overrides)
+                tokenizer_overrides=overrides, allow_empty=args.allow_empty)
     except BadRecordError as e:
         print(f"error: bad input record: {e}", file=sys.stderr)
+        return 1
+    except EmptyDatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -122,4 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_emo.cli import run_tool
+
+    sys.exit(run_tool(main))

@@ -70,4 +70,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_emo.cli import run_tool
+
+    sys.exit(run_tool(main))

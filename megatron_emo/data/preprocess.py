@@ -29,6 +29,8 @@ from megatron_emo.data.writer import IndexedDatasetWriter, dataset_prefix, optim
 __all__ = [
     "BAD_INPUT_CATEGORIES",
     "BadRecordError",
+    "EmptyDatasetError",
+    "check_not_empty",
     "expand_inputs",
     "format_summary",
     "preprocess_jsonl",
@@ -49,6 +51,28 @@ _RECORDS_PER_BATCH = 64
 
 class BadRecordError(ValueError):
     """Raised with ``on_error="fail"``: names the file, line and category of the bad record."""
+
+
+class EmptyDatasetError(ValueError):
+    """Raised when no document would be written (and ``allow_empty`` is off); nothing is written."""
+
+
+def check_not_empty(summary: dict, *, allow_empty: bool) -> None:
+    """Refuses a dataset of zero documents, naming the inputs and why every record was skipped.
+
+    Raises:
+        EmptyDatasetError: if ``summary["documents_written"]`` is 0 and not ``allow_empty``.
+    """
+    if allow_empty or summary["documents_written"] > 0:
+        return
+    skipped = {k: v["count"] for k, v in summary.get("skipped_by_category", {}).items()
+               if v["count"]}
+    why = (f"all {summary['records_in']:,} records were skipped ("
+           + ", ".join(f"{k}: {n:,}" for k, n in skipped.items()) + ")"
+           if skipped else "the input has no records")
+    raise EmptyDatasetError(
+        f"no documents to write for {summary['dataset_prefix']}: {why}; inputs: "
+        f"{', '.join(summary['inputs'])}. Nothing was written (allow it with --allow-empty)")
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -271,6 +295,7 @@ def preprocess_jsonl(
     log_interval: int = 100_000,
     progress: bool = True,
     tokenizer_overrides: dict | None = None,
+    allow_empty: bool = False,
 ) -> dict:
     """Tokenizes JSONL(.gz) records into one Megatron ``IndexedDataset`` per JSON key.
 
@@ -292,6 +317,7 @@ def preprocess_jsonl(
         log_interval: records between progress lines when stderr is not a terminal.
         progress: show progress at all.
         tokenizer_overrides: extra Megatron ``TokenizerConfig`` fields (``vocab_file``, ...).
+        allow_empty: write the dataset even when no record yields a document.
 
     Returns:
         The summary of the first key's dataset (also written to its ``summary.json``).
@@ -299,6 +325,7 @@ def preprocess_jsonl(
     Raises:
         ValueError: bad arguments, or the tokenizer has no EOD id while ``append_eod``.
         BadRecordError: with ``on_error="fail"``, on the first bad record (nothing is written).
+        EmptyDatasetError: no document to write and not ``allow_empty`` (nothing is written).
     """
     json_keys = tuple(json_keys)
     metadata_keys = tuple(metadata_keys)
@@ -414,6 +441,7 @@ def preprocess_jsonl(
             }
             assert records_in == writer.num_documents + skipped, summary
             summaries[key] = summary
+        check_not_empty(summaries[json_keys[0]], allow_empty=allow_empty)  # keys stay aligned
         for key, writer in writers.items():
             writer.commit(summaries[key])
     except BaseException:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_emo.data.preprocess import expand_inputs
+from megatron_emo.data.preprocess import check_not_empty, expand_inputs
 from megatron_emo.data.writer import IndexedDatasetWriter, dataset_prefix, optimal_token_dtype
 
 __all__ = ["convert_token_arrays", "open_token_array"]
@@ -57,6 +57,7 @@ def convert_token_arrays(
     input_dtype: str = "uint32",
     json_key: str = "text",
     chunk_tokens: int = 1 << 24,
+    allow_empty: bool = False,
 ) -> dict:
     """Converts flat EOS-separated token arrays into ``{output_prefix}_{json_key}_document``.
 
@@ -69,12 +70,14 @@ def convert_token_arrays(
         input_dtype: dtype of raw (headerless) files.
         json_key: only names the output (``PREFIX_{json_key}_document``).
         chunk_tokens: tokens read per step (memory bound).
+        allow_empty: write the dataset even when the inputs hold no token.
 
     Returns:
         The summary, also written to ``{prefix}.summary.json``.
 
     Raises:
         ValueError: if ``eos_id`` is outside the vocabulary or a token id is ``>= vocab_size``.
+        EmptyDatasetError: no document to write and not ``allow_empty`` (nothing is written).
     """
     if not 0 <= eos_id < vocab_size:
         raise ValueError(f"eos_id ({eos_id}) must be in [0, vocab_size ({vocab_size}))")
@@ -137,5 +140,6 @@ def convert_token_arrays(
             "eos_only_documents": num_eos_only,
             "elapsed_s": round(time.perf_counter() - start, 3),
         }
+        check_not_empty(summary, allow_empty=allow_empty)
         writer.commit(summary)
     return summary

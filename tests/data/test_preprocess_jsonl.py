@@ -127,7 +127,7 @@ def test_mixed_bad_inputs_reconcile_and_edge_cases(tmp_path, sp_model):
     _check_reconciles(summary)
     # The first lines are capped at 10 per category.
     path = write_jsonl(tmp_path / "many.jsonl", [b"not json"] * 25)
-    summary = _run([path], tmp_path / "m", ("SentencePieceTokenizer", sp_model))
+    summary = _run([path], tmp_path / "m", ("SentencePieceTokenizer", sp_model), allow_empty=True)
     assert summary["skipped_by_category"]["invalid_json"]["count"] == 25
     assert len(summary["skipped_by_category"]["invalid_json"]["first_lines"]) == 10
 

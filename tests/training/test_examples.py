@@ -100,3 +100,11 @@ def test_quickstart_end_to_end(tmp_path):
     assert (out / "report" / "report.html").exists()
     assert (out / "subsets" / "math-keep4" / "selection.json").exists()
     assert "quickstart done" in proc.stdout
+    # Quiet: none of megatron_emo/quiet.py's messages in the terminal (the tools' output and the
+    # filtered training lines) nor, for the CPU ones, in the raw --cpu training log.
+    from megatron_emo.quiet import KNOWN_MESSAGES
+
+    terminal, log = proc.stdout + proc.stderr, (out / "train.log").read_text()
+    assert [m.source for m in KNOWN_MESSAGES if re.search(m.pattern, terminal)
+            or (m.scope == "cpu" and re.search(m.pattern, log))] == []
+    assert "[EMO routing] iteration" in terminal and "error:" not in terminal
