@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from megatron_emo.routing.pool import document_pool_mask
+from megatron_emo.routing.ranking import topk_lowest_index
 
 __all__ = ["EMORouting", "emo_route", "route_within_pools"]
 
@@ -80,7 +81,7 @@ def route_within_pools(
             f"[1, routed experts ({num_routed})]"
         )
     routed_logits_TR = logits_TE[:, :num_routed].float()
-    masked_logits_TR = routed_logits_TR.masked_fill(~in_pool_TR, float("-inf"))
+    masked_logits_TR = torch.where(in_pool_TR, routed_logits_TR, float("-inf"))
     if score_function == "softmax":
         scores_TR = torch.softmax(masked_logits_TR, dim=-1)
     elif score_function == "sigmoid":
@@ -89,12 +90,17 @@ def route_within_pools(
         raise ValueError(f"score_function must be 'softmax' or 'sigmoid', got {score_function!r}")
 
     with torch.no_grad():
-        selection_TR = scores_TR.detach()
-        if expert_bias_R is not None:
-            selection_TR = selection_TR + expert_bias_R.float()
-        # Outside the pool is never selectable, whatever the bias.
-        selection_TR = selection_TR.masked_fill(~in_pool_TR, float("-inf"))
-        top_idx_TK = torch.topk(selection_TR, num_slots, dim=-1).indices
+        if expert_bias_R is None:
+            # Both score functions are strictly increasing in the logit, so the masked logits
+            # rank exactly like the scores, without the rounding of the exp (the fused kernel
+            # selects on the same values).
+            selection_TR = masked_logits_TR.detach()
+        else:
+            # Outside the pool is never selectable, whatever the bias.
+            selection_TR = torch.where(
+                in_pool_TR, scores_TR.detach() + expert_bias_R.float(), float("-inf")
+            )
+        top_idx_TK = topk_lowest_index(selection_TR, num_slots)
 
     weights_TK = scores_TR.gather(1, top_idx_TK)
     if renormalize or score_function == "sigmoid":
@@ -102,20 +108,20 @@ def route_within_pools(
     if scaling_factor is not None:
         weights_TK = weights_TK * scaling_factor
 
-    routed_map_TR = torch.zeros_like(in_pool_TR).scatter_(1, top_idx_TK, True)
-    routed_probs_TR = torch.zeros_like(scores_TR).scatter(1, top_idx_TK, weights_TK)
+    # The (T, E) outputs are written in place (no concatenation): routed columns by scatter,
+    # the S shared columns set to weight 1.0 / always selected.
+    probs_TE = scores_TR.new_zeros((num_tokens, num_experts))
+    routing_map_TE = in_pool_TR.new_zeros((num_tokens, num_experts), dtype=torch.bool)
     if num_shared_experts:
-        shared_TS = routed_probs_TR.new_ones((num_tokens, num_shared_experts))
-        probs_TE = torch.cat([routed_probs_TR, shared_TS], dim=1)
-        shared_map_TS = routed_map_TR.new_ones((num_tokens, num_shared_experts))
-        routing_map_TE = torch.cat([routed_map_TR, shared_map_TS], dim=1)
-    else:
-        probs_TE, routing_map_TE = routed_probs_TR, routed_map_TR
+        probs_TE[:, num_routed:] = 1.0
+        routing_map_TE[:, num_routed:] = True
+    probs_TE.scatter_(1, top_idx_TK, weights_TK)
+    routing_map_TE.scatter_(1, top_idx_TK, True)
     return EMORouting(
         probs=probs_TE.to(logits_TE.dtype),
         routing_map=routing_map_TE,
         scores=scores_TR,
-        routed_map=routed_map_TR,
+        routed_map=routing_map_TE[:, :num_routed],
         masked_logits=masked_logits_TR,
     )
 
