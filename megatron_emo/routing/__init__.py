@@ -14,6 +14,7 @@ from megatron_emo.routing.losses import expert_load, load_balancing_loss, z_loss
 from megatron_emo.routing.metrics import ROUTING_METRIC_NAMES, routing_metrics
 from megatron_emo.routing.pool import (
     document_pool_mask,
+    document_pools,
     eval_pool_sizes,
     pool_mask_from_scores,
     sample_pool_sizes,
@@ -29,6 +30,7 @@ __all__ = [
     "doc_ids_from_cu_seqlens",
     "doc_ids_from_eod",
     "document_pool_mask",
+    "document_pools",
     "emo_route",
     "eval_pool_sizes",
     "expert_load",

@@ -18,6 +18,7 @@ from megatron_emo.routing.ranking import descending_keys
 
 __all__ = [
     "document_pool_mask",
+    "document_pools",
     "eval_pool_sizes",
     "pool_mask_from_scores",
     "sample_pool_sizes",
@@ -107,14 +108,14 @@ def eval_pool_sizes(num_docs: int, *, size: int, device: torch.device | str | No
     return torch.full((num_docs,), size, dtype=torch.int64, device=device)
 
 
-def document_pool_mask(
+def document_pools(
     routed_logits_TR: torch.Tensor,
     doc_ids_T: torch.Tensor,
     pool_sizes_D: torch.Tensor,
     *,
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Which routed experts each token may use: its document's top-P experts.
+    """Each document's pool of routed experts: its top-P experts by summed token probability.
 
     The document score of expert ``e`` is the sum over the document's tokens of the fp32 softmax
     over the routed logits (EMO, ``emo_spec.md`` 1.2 step 5); the pool is the ``P`` highest
@@ -128,17 +129,41 @@ def document_pool_mask(
             are spread over several ranks (SP/CP); identity when ``None``.
 
     Returns:
-        ``(T, R)`` bool, True where the expert is in the token's document pool. No gradient.
+        ``(D, R)`` bool pool membership. No gradient.
     """
     num_docs = pool_sizes_D.shape[0]
     with torch.no_grad():
         # fp32 regardless of the router dtype: the pool is a ranking of sums over many tokens.
-        # contiguous(): softmax over a column slice of the (T, E) logits is ~5x slower on CPU.
-        probs_TR = torch.softmax(routed_logits_TR.detach().float().contiguous(), dim=-1)
+        # A contiguous copy, softmaxed in place: softmax over a column slice of the (T, E)
+        # logits is ~5x slower on CPU, and every fresh (T, R) buffer costs page faults there.
+        probs_TR = routed_logits_TR.detach().float().clone(memory_format=torch.contiguous_format)
+        torch.softmax(probs_TR, dim=-1, out=probs_TR)
         scores_DR = segment_sum(probs_TR, doc_ids_T, num_docs)
         if reduce_fn is not None:
             scores_DR = reduce_fn(scores_DR)
-        return pool_mask_from_scores(scores_DR, pool_sizes_D).index_select(0, doc_ids_T)
+        return pool_mask_from_scores(scores_DR, pool_sizes_D)
+
+
+def document_pool_mask(
+    routed_logits_TR: torch.Tensor,
+    doc_ids_T: torch.Tensor,
+    pool_sizes_D: torch.Tensor,
+    *,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Which routed experts each token may use: its document's pool (``document_pools``).
+
+    Args:
+        routed_logits_TR: ``(T, R)`` router logits of the routed (non-shared) experts.
+        doc_ids_T: ``(T,)`` int64 document ids in ``[0, D)``.
+        pool_sizes_D: ``(D,)`` int64 pool size per document.
+        reduce_fn: all-reduces the ``(D, R)`` per-document partial sums (SP/CP).
+
+    Returns:
+        ``(T, R)`` bool, True where the expert is in the token's document pool. No gradient.
+    """
+    in_pool_DR = document_pools(routed_logits_TR, doc_ids_T, pool_sizes_D, reduce_fn=reduce_fn)
+    return in_pool_DR.index_select(0, doc_ids_T)
 
 
 def pool_mask_from_scores(scores_DR: torch.Tensor, pool_sizes_D: torch.Tensor) -> torch.Tensor:

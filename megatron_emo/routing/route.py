@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from megatron_emo.routing.pool import document_pool_mask
+from megatron_emo.routing.pool import document_pools
 from megatron_emo.routing.ranking import topk_lowest_index
 
 __all__ = ["EMORouting", "emo_route", "route_within_pools"]
@@ -72,20 +72,49 @@ def route_within_pools(
     Returns:
         An ``EMORouting``; ``probs`` has the dtype of ``logits_TE``.
     """
-    num_tokens, num_experts = logits_TE.shape
-    num_routed = num_experts - num_shared_experts
+    num_routed = logits_TE.shape[1] - num_shared_experts
+    _check_slots(topk, num_shared_experts, num_routed)
+    routed_logits_TR = logits_TE[:, :num_routed].float()
+    masked_logits_TR = torch.where(in_pool_TR, routed_logits_TR, float("-inf"))
+    return _route_masked(
+        logits_TE,
+        masked_logits_TR,
+        in_pool_TR,
+        num_slots=topk - num_shared_experts,
+        renormalize=renormalize,
+        score_function=score_function,
+        expert_bias_R=expert_bias_R,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _check_slots(topk: int, num_shared_experts: int, num_routed: int) -> None:
     num_slots = topk - num_shared_experts
     if not 1 <= num_slots <= num_routed:
         raise ValueError(
             f"topk ({topk}) - num_shared_experts ({num_shared_experts}) must be in "
             f"[1, routed experts ({num_routed})]"
         )
-    routed_logits_TR = logits_TE[:, :num_routed].float()
-    masked_logits_TR = torch.where(in_pool_TR, routed_logits_TR, float("-inf"))
+
+
+def _route_masked(
+    logits_TE: torch.Tensor,
+    masked_logits_TR: torch.Tensor,
+    in_pool_TR: torch.Tensor | None,
+    *,
+    num_slots: int,
+    renormalize: bool,
+    score_function: str,
+    expert_bias_R: torch.Tensor | None,
+    scaling_factor: float | None,
+) -> EMORouting:
+    """``route_within_pools`` after the masking (``in_pool_TR`` only for sigmoid / bias)."""
+    num_tokens, num_experts = logits_TE.shape
+    num_routed = masked_logits_TR.shape[1]
     if score_function == "softmax":
         scores_TR = torch.softmax(masked_logits_TR, dim=-1)
     elif score_function == "sigmoid":
-        scores_TR = torch.sigmoid(routed_logits_TR) * in_pool_TR
+        scores_TR = torch.sigmoid(logits_TE[:, :num_routed].float()) * in_pool_TR
     else:
         raise ValueError(f"score_function must be 'softmax' or 'sigmoid', got {score_function!r}")
 
@@ -94,7 +123,7 @@ def route_within_pools(
             # Both score functions are strictly increasing in the logit, so the masked logits
             # rank exactly like the scores, without the rounding of the exp (the fused kernel
             # selects on the same values).
-            selection_TR = masked_logits_TR.detach()
+            selection_TR = masked_logits_TR
         else:
             # Outside the pool is never selectable, whatever the bias.
             selection_TR = torch.where(
@@ -111,8 +140,10 @@ def route_within_pools(
     # The (T, E) outputs are written in place (no concatenation): routed columns by scatter,
     # the S shared columns set to weight 1.0 / always selected.
     probs_TE = scores_TR.new_zeros((num_tokens, num_experts))
-    routing_map_TE = in_pool_TR.new_zeros((num_tokens, num_experts), dtype=torch.bool)
-    if num_shared_experts:
+    routing_map_TE = torch.zeros(
+        (num_tokens, num_experts), dtype=torch.bool, device=masked_logits_TR.device
+    )
+    if num_experts > num_routed:
         probs_TE[:, num_routed:] = 1.0
         routing_map_TE[:, num_routed:] = True
     probs_TE.scatter_(1, top_idx_TK, weights_TK)
@@ -161,8 +192,23 @@ def emo_route(
         ``(probs, routing_map)``: ``(T, E)`` float with zeros off the map, ``(T, E)`` bool.
     """
     num_routed = logits.shape[1] - num_shared_experts
-    in_pool_TR = document_pool_mask(logits[:, :num_routed], doc_ids, pool_sizes, reduce_fn=reduce_fn)
-    result = route_within_pools(
-        logits, in_pool_TR, topk=topk, num_shared_experts=num_shared_experts, renormalize=renormalize
+    _check_slots(topk, num_shared_experts, num_routed)
+    routed_logits_TR = logits[:, :num_routed].float()
+    in_pool_DR = document_pools(routed_logits_TR, doc_ids, pool_sizes, reduce_fn=reduce_fn)
+    # Mask by adding 0 / -inf gathered per token (in place into the gathered buffer): several
+    # times faster on CPU than a bool where/masked_fill over (T, R). The gradient reaches the
+    # logits where the mask is 0 (softmax gives the -inf entries zero gradient anyway).
+    bias_DR = torch.zeros(in_pool_DR.shape, dtype=torch.float32, device=in_pool_DR.device)
+    bias_DR.masked_fill_(~in_pool_DR, float("-inf"))
+    masked_logits_TR = bias_DR.index_select(0, doc_ids).add_(routed_logits_TR)
+    result = _route_masked(
+        logits,
+        masked_logits_TR,
+        None,
+        num_slots=topk - num_shared_experts,
+        renormalize=renormalize,
+        score_function="softmax",
+        expert_bias_R=None,
+        scaling_factor=None,
     )
     return result.probs, result.routing_map
