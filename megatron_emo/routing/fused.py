@@ -46,13 +46,19 @@ def fused_routing_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or _interpreted()
 
 
-def _check_device(tensor: torch.Tensor) -> None:
+def _check_device(tensor: torch.Tensor, *others: torch.Tensor | None) -> None:
     if not fused_routing_available(tensor.device):
         raise RuntimeError(
             f"fused EMO routing runs on CUDA tensors (got {tensor.device}); use emo_route / "
-            "route_within_pools on CPU, or set TRITON_INTERPRET=1 before importing "
-            "megatron_emo.routing.fused to run the kernels in Triton's interpreter"
+            "route_within_pools on CPU, or set TRITON_INTERPRET=1 before triton is first "
+            "imported to run the kernels in Triton's interpreter"
         )
+    for other in others:
+        if other is not None and other.device != tensor.device:
+            raise ValueError(
+                f"fused EMO routing needs all inputs on one device: logits on {tensor.device}, "
+                f"got a {tuple(other.shape)} tensor on {other.device}"
+            )
 
 
 def _num_warps(tile_elements: int) -> int:
@@ -82,7 +88,7 @@ def fused_document_pools(
     Returns:
         ``(D, R)`` bool pool membership, no gradient.
     """
-    _check_device(routed_logits_TR)
+    _check_device(routed_logits_TR, doc_ids_T, pool_sizes_D)
     num_tokens, num_routed = routed_logits_TR.shape
     if num_interleaved < 1 or num_tokens % num_interleaved:
         raise ValueError(
@@ -90,6 +96,7 @@ def fused_document_pools(
         )
     if routed_logits_TR.stride(1) != 1:
         routed_logits_TR = routed_logits_TR.contiguous()
+    doc_ids_T, pool_sizes_D = doc_ids_T.contiguous(), pool_sizes_D.contiguous()
     num_docs = pool_sizes_D.shape[0]
     scores_DR = torch.zeros((num_docs, num_routed), dtype=torch.float32, device=doc_ids_T.device)
     # tl.dot needs both block sizes >= 16.
@@ -249,10 +256,11 @@ def fused_route_within_pools(
         An ``EMORouting`` like ``route_within_pools``'s (``routed_map`` is a view of
         ``routing_map``).
     """
-    _check_device(logits_TE)
+    _check_device(logits_TE, doc_ids_T, in_pool_DR)
     if logits_TE.dim() != 2 or not logits_TE.is_floating_point():
-        raise ValueError(f"logits must be a (T, E) float tensor, got {tuple(logits_TE.shape)} "
-                         f"{logits_TE.dtype}")
+        raise ValueError(
+            f"logits must be a (T, E) float tensor, got {tuple(logits_TE.shape)} {logits_TE.dtype}"
+        )
     num_experts = logits_TE.shape[1]
     num_routed = num_experts - num_shared_experts
     num_slots = topk - num_shared_experts
@@ -271,7 +279,7 @@ def fused_route_within_pools(
     if logits_TE.stride(1) != 1:
         logits_TE = logits_TE.contiguous()
     if in_pool_DR is not None:
-        in_pool_DR = in_pool_DR.contiguous()
+        doc_ids_T, in_pool_DR = doc_ids_T.contiguous(), in_pool_DR.contiguous()
     scale = 1.0 if scaling_factor is None else float(scaling_factor)
     probs_TE, routing_map_TE, scores_TR, masked_TR = _FusedRouteWithinPools.apply(
         logits_TE, doc_ids_T, in_pool_DR, num_routed, num_slots, renormalize, scale

@@ -1,5 +1,7 @@
-"""``emo_router_fusion``: EMORouter on the fused Triton path routes, logs and backpropagates
-exactly like the pure-torch path inside a real Megatron GPTModel, and bad settings are refused.
+"""``emo_router_fusion``: the fused EMORouter routes like the pure-torch one; bad settings fail.
+
+Inside a real Megatron GPTModel, the fused Triton path routes, logs its losses and
+backpropagates exactly like the pure-torch path; settings the kernels cannot honour are refused.
 
 Without CUDA the kernels run in Triton's interpreter (``tests/conftest.py``), so 'on' works on
 CPU here; 'auto' takes the fused path only on CUDA.
@@ -20,6 +22,16 @@ from megatron_emo.mcore import EMOTransformerConfig, routing_context
 from megatron_emo.routing import DocumentBatch
 
 pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def fused_kernels_run_on_cpu():
+    """The tiny GPT runs on CPU: the fused path needs the interpreter (no-CUDA test runs)."""
+    from megatron_emo.routing.fused import fused_routing_available
+
+    if not fused_routing_available("cpu"):
+        pytest.skip("fused kernels on CPU need TRITON_INTERPRET=1 (set by tests/conftest.py "
+                    "without CUDA); on GPU tests/gpu/test_gpu_router.py covers the fused router")
 
 
 def _run(fusion: str, routing: str, *, collect_metrics: bool = False) -> dict:
@@ -48,20 +60,22 @@ def _run(fusion: str, routing: str, *, collect_metrics: bool = False) -> dict:
     [("emo", False), ("emo", True), ("standard", False)],
     ids=["emo", "emo-metrics", "standard"],
 )
-def test_fused_router_equals_torch_router(routing: str, collect_metrics: bool) -> None:
+def test_fused_router_equals_torch_router(
+    fused_kernels_run_on_cpu, routing: str, collect_metrics: bool
+) -> None:
     torch_run = _run("off", routing, collect_metrics=collect_metrics)
     fused_run = _run("on", routing, collect_metrics=collect_metrics)
     assert len(fused_run["records"]) == 2
-    for ref, got in zip(torch_run["records"], fused_run["records"]):
+    for ref, got in zip(torch_run["records"], fused_run["records"], strict=True):
         assert torch.equal(got["routing_map"], ref["routing_map"])
         torch.testing.assert_close(got["probs"], ref["probs"], atol=1e-6, rtol=0)
     for name, ref in torch_run["losses"].items():
         assert torch.all(ref > 0), name
         torch.testing.assert_close(fused_run["losses"][name], ref, atol=1e-6, rtol=1e-6)
-    for ref, got in zip(torch_run["grads"], fused_run["grads"]):
+    for ref, got in zip(torch_run["grads"], fused_run["grads"], strict=True):
         assert ref.abs().sum() > 0
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
-    for ref, got in zip(torch_run["metrics"], fused_run["metrics"]):
+    for ref, got in zip(torch_run["metrics"], fused_run["metrics"], strict=True):
         assert ref.keys() == got.keys() and bool(ref) == collect_metrics
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-6)
