@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -149,10 +150,11 @@ def build_stock_routers(num_experts: int, device: torch.device) -> dict[str, Cal
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe.router import TopKRouter
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        with socket.socket() as sock:  # a free port: other jobs may share the machine
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         parallel_state.initialize_model_parallel()
     try:
         import transformer_engine  # noqa: F401
