@@ -2,12 +2,14 @@
 # GPU checks on a machine with torch + CUDA but no megatron-core: install the carried wheel
 # (.whl/, see README), then run the parts named in PARTS (default: all) with their logs in
 # ${OUT:-runs/gpu}.   Run: bash benchmarks/run_gpu_checks.sh
-#   PARTS="train tests router moe"   train: bench_train_step.py (EMO vs standard through the
-#   entry point); tests: gpu-marked tests; router: bench_router.py; moe: bench_moe_layer.py
+#   PARTS="train tests fused router moe"   train: bench_train_step.py (EMO vs standard through
+#   the entry point); tests: gpu-marked tests; fused: the fused-routing unit tests on CUDA
+#   (compiled Triton kernels); router: bench_router.py (issue 13 table); moe: bench_moe_layer.py
+#   Issue 13 alone: PARTS="fused router" bash benchmarks/run_gpu_checks.sh
 set -uo pipefail
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
 PY=${PY:-python3}
-PARTS=${PARTS:-train tests router moe}
+PARTS=${PARTS:-train tests fused router moe}
 if ! $PY -c "import megatron.core" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -23,4 +25,6 @@ run() {  # name timeout command...
 run moe "${MOE_TIMEOUT:-150}" $PY benchmarks/bench_moe_layer.py
 run train "${TRAIN_TIMEOUT:-300}" $PY benchmarks/bench_train_step.py --preset gpu-proxy ${TRAIN_FLAGS:-}
 run tests "${TEST_TIMEOUT:-150}" $PY -m pytest -q -m gpu tests/gpu tests/subsets -p no:cacheprovider
-run router "${ROUTER_TIMEOUT:-90}" $PY benchmarks/bench_router.py --device cuda
+run fused "${FUSED_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider \
+  tests/unit/test_fused_routing.py tests/unit/test_routing_math.py
+run router "${ROUTER_TIMEOUT:-420}" $PY benchmarks/bench_router.py --device cuda ${ROUTER_FLAGS:-}

@@ -1,4 +1,9 @@
-"""Shared pytest setup: makes ``tests/`` importable (``helpers``, ``reference``) and adds the gpu skip."""
+"""Shared pytest setup: ``tests/`` importable (``helpers``, ``reference``), the gpu skip.
+
+Without CUDA it also turns on Triton's interpreter (``TRITON_INTERPRET=1``, read when triton is
+first imported, so it must be set here, before any test module imports megatron or triton): the
+fused routing kernels then run on CPU tensors (``tests/unit/test_fused_routing.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

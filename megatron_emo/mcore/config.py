@@ -62,6 +62,11 @@ class EMOTransformerConfig(TransformerConfig):
     """Balance over all micro-batches of the step seen so far (running counts, reset when the
     iteration changes) instead of each micro-batch alone, as the reference does."""
 
+    emo_router_fusion: Literal["auto", "on", "off"] = "auto"
+    """Fused (Triton) EMO routing: 'auto' uses it on CUDA when triton imports and the router
+    scores with softmax (so without expert bias), otherwise the pure-torch path; 'on' requires
+    it; 'off' always takes the pure-torch path (``megatron_emo.routing.fused``)."""
+
     emo_scale_aux_loss_by_num_layers: bool = True
     """Divide ``moe_aux_loss_coeff`` and ``moe_z_loss_coeff`` by the number of MoE layers, so the
     flags give the total weight (EMO: 0.1 and 1e-3 over 16 layers, 0.00625 and 6.25e-5 each)."""
@@ -118,6 +123,7 @@ class EMOTransformerConfig(TransformerConfig):
             )
         self._check_megatron_options()
         self._warn_about_unbalanced_expert_parallel_ranks()
+        self._check_router_fusion()
 
     def _check_megatron_options(self) -> None:
         """Refuses Megatron options that contradict EMO routing, naming them."""
@@ -221,6 +227,28 @@ class EMOTransformerConfig(TransformerConfig):
             "(optionally --moe-shared-expert-overlap)",
             stacklevel=3,
         )
+
+    def _check_router_fusion(self) -> None:
+        """Refuses ``emo_router_fusion='on'`` where the fused kernels cannot route."""
+        if self.emo_router_fusion not in ("auto", "on", "off"):
+            raise ValueError(
+                f"emo_router_fusion must be 'auto', 'on' or 'off', got {self.emo_router_fusion!r}"
+            )
+        if self.emo_router_fusion != "on":
+            return
+        # An expert bias implies sigmoid scoring (transformer_config.py:2284), so this refuses it.
+        if self.moe_router_score_function != "softmax":
+            raise ValueError(
+                "emo_router_fusion='on' fuses softmax scoring only, got moe_router_score_function "
+                f"{self.moe_router_score_function!r}; use emo_router_fusion 'auto' or 'off'"
+            )
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                f"emo_router_fusion='on' needs triton, which does not import here ({exc}); use "
+                "emo_router_fusion 'auto' or 'off'"
+            ) from exc
 
     @property
     def emo_num_routed_experts(self) -> int:

@@ -9,6 +9,9 @@ get_moe_metrics_tracker``.
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import (
@@ -35,6 +38,15 @@ from megatron_emo.routing import (
 __all__ = ["EMORouter", "num_moe_layers"]
 
 
+@functools.cache
+def _import_fused_routing():
+    """The fused Triton routing module, or None where triton does not import (imported once)."""
+    try:
+        return importlib.import_module("megatron_emo.routing.fused")
+    except ImportError:
+        return None
+
+
 def num_moe_layers(config: EMOTransformerConfig) -> int:
     """Number of MoE layers implied by ``moe_layer_freq`` (int period or 0/1 list)."""
     freq = config.moe_layer_freq
@@ -53,7 +65,9 @@ class EMORouter(TopKRouter):
     under sequence parallelism and over the CP group), and routes inside the pool with
     ``megatron_emo.routing``. Load balancing counts are reduced over TP x DP x CP, so balance is
     global while documents specialise. With ``emo_routing='standard'`` the same code routes
-    without pools (the standard-MoE baseline).
+    without pools (the standard-MoE baseline). ``emo_router_fusion`` selects the fused Triton
+    kernels (``megatron_emo.routing.fused``; by default on CUDA) or the pure-torch functions;
+    both give the same routing.
 
     Outside ``routing_context`` the router raises in training; in evaluation each sequence is
     one document.
@@ -182,11 +196,23 @@ class EMORouter(TopKRouter):
 
         docs = current_documents()
         collect_metrics = docs is not None and docs.collect_metrics
+        fused = self._fused_routing(logits)
         if self.config.emo_routing == "emo":
             doc_ids_T, pool_sizes_D = self._document_ids_and_pools(seq_length, bsz, logits.device)
-            in_pool_TR = document_pool_mask(
-                routed_logits_TR, doc_ids_T, pool_sizes_D, reduce_fn=self._pool_reduce_fn
-            )
+            if fused is not None:
+                # [s, b] token order: documents run along s (num_interleaved = b).
+                in_pool_DR = fused.fused_document_pools(
+                    routed_logits_TR,
+                    doc_ids_T,
+                    pool_sizes_D,
+                    reduce_fn=self._pool_reduce_fn,
+                    num_interleaved=bsz,
+                )
+                in_pool_TR = in_pool_DR.index_select(0, doc_ids_T) if collect_metrics else None
+            else:
+                in_pool_TR = document_pool_mask(
+                    routed_logits_TR, doc_ids_T, pool_sizes_D, reduce_fn=self._pool_reduce_fn
+                )
         else:
             in_pool_TR = torch.ones_like(routed_logits_TR, dtype=torch.bool)
             if collect_metrics:
@@ -196,21 +222,39 @@ class EMORouter(TopKRouter):
                 )
 
         with_losses = self.training and torch.is_grad_enabled()
-        if with_losses and self.z_coeff > 0:
+        if with_losses and self.z_coeff > 0 and fused is None:
             masked_TR = routed_logits_TR.float().masked_fill(~in_pool_TR, float("-inf"))
             z = z_loss(masked_TR, valid_T=valid_T) * (self.z_coeff / self.tp_cp_group.size())
             logits_TX = self._attach_aux_loss(logits_TX, z, "z_loss", self.z_coeff, valid_T)
 
-        result = route_within_pools(
-            logits_TX,
-            in_pool_TR,
-            topk=self.topk,
-            num_shared_experts=self.num_shared_experts,
-            renormalize=self.config.emo_renormalize_probs,
-            score_function=self.score_function,
-            expert_bias_R=self.expert_bias,
-            scaling_factor=self.config.moe_router_topk_scaling_factor,
-        )
+        if fused is not None:
+            with_pools = self.config.emo_routing == "emo"
+            result = fused.fused_route_within_pools(
+                logits_TX,
+                doc_ids_T if with_pools else None,
+                in_pool_DR if with_pools else None,
+                topk=self.topk,
+                num_shared_experts=self.num_shared_experts,
+                renormalize=self.config.emo_renormalize_probs,
+                scaling_factor=self.config.moe_router_topk_scaling_factor,
+            )
+            if with_losses and self.z_coeff > 0:
+                # The fused kernel returns the pool-masked logits; the z-loss rides on probs.
+                z = z_loss(result.masked_logits, valid_T=valid_T)
+                z = z * (self.z_coeff / self.tp_cp_group.size())
+                probs = self._attach_aux_loss(result.probs, z, "z_loss", self.z_coeff, valid_T)
+                result = result._replace(probs=probs)
+        else:
+            result = route_within_pools(
+                logits_TX,
+                in_pool_TR,
+                topk=self.topk,
+                num_shared_experts=self.num_shared_experts,
+                renormalize=self.config.emo_renormalize_probs,
+                score_function=self.score_function,
+                expert_bias_R=self.expert_bias,
+                scaling_factor=self.config.moe_router_topk_scaling_factor,
+            )
         probs_TX, routing_map_TX = result.probs, result.routing_map
         if collect_metrics:
             self._record_metrics(
@@ -279,6 +323,27 @@ class EMORouter(TopKRouter):
                 if padding_mask is not None:
                     routing_map = routing_map & ~padding_mask[:, None]
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    def _fused_routing(self, logits: torch.Tensor):
+        """``megatron_emo.routing.fused`` if this call takes the fused path, else None.
+
+        ``emo_router_fusion``: 'off' never, 'on' always (the config checked softmax scoring,
+        which excludes an expert bias, and that triton imports), 'auto' on CUDA with softmax.
+        """
+        mode = self.config.emo_router_fusion
+        if mode == "off":
+            return None
+        if mode == "auto" and not (logits.is_cuda and self.score_function == "softmax"):
+            return None
+        fused = _import_fused_routing()
+        if fused is None or not fused.fused_routing_available(logits.device):
+            if mode == "on":
+                raise RuntimeError(
+                    f"emo_router_fusion='on' but the fused kernels cannot run on {logits.device} "
+                    "(they need CUDA, or TRITON_INTERPRET=1 set before triton is imported)"
+                )
+            return None
+        return fused
 
     def _record_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
         """Adds one micro-batch's routing diagnostics to the running sums (no host sync)."""

@@ -14,8 +14,15 @@ from collections.abc import Callable
 import torch
 
 from megatron_emo.routing.documents import segment_sum
+from megatron_emo.routing.ranking import descending_keys
 
-__all__ = ["document_pool_mask", "eval_pool_sizes", "sample_pool_sizes"]
+__all__ = [
+    "document_pool_mask",
+    "document_pools",
+    "eval_pool_sizes",
+    "pool_mask_from_scores",
+    "sample_pool_sizes",
+]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -101,14 +108,14 @@ def eval_pool_sizes(num_docs: int, *, size: int, device: torch.device | str | No
     return torch.full((num_docs,), size, dtype=torch.int64, device=device)
 
 
-def document_pool_mask(
+def document_pools(
     routed_logits_TR: torch.Tensor,
     doc_ids_T: torch.Tensor,
     pool_sizes_D: torch.Tensor,
     *,
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Which routed experts each token may use: its document's top-P experts.
+    """Each document's pool of routed experts: its top-P experts by summed token probability.
 
     The document score of expert ``e`` is the sum over the document's tokens of the fp32 softmax
     over the routed logits (EMO, ``emo_spec.md`` 1.2 step 5); the pool is the ``P`` highest
@@ -122,19 +129,56 @@ def document_pool_mask(
             are spread over several ranks (SP/CP); identity when ``None``.
 
     Returns:
-        ``(T, R)`` bool, True where the expert is in the token's document pool. No gradient.
+        ``(D, R)`` bool pool membership. No gradient.
     """
     num_docs = pool_sizes_D.shape[0]
-    num_routed = routed_logits_TR.shape[1]
     with torch.no_grad():
         # fp32 regardless of the router dtype: the pool is a ranking of sums over many tokens.
-        probs_TR = torch.softmax(routed_logits_TR.detach().float(), dim=-1)
+        # A contiguous copy, softmaxed in place: softmax over a column slice of the (T, E)
+        # logits is ~5x slower on CPU, and every fresh (T, R) buffer costs page faults there.
+        probs_TR = routed_logits_TR.detach().float().clone(memory_format=torch.contiguous_format)
+        torch.softmax(probs_TR, dim=-1, out=probs_TR)
         scores_DR = segment_sum(probs_TR, doc_ids_T, num_docs)
         if reduce_fn is not None:
             scores_DR = reduce_fn(scores_DR)
-        # One batched stable sort gives every expert its rank inside its document.
-        order_DR = torch.sort(scores_DR, dim=1, descending=True, stable=True).indices
-        arange_DR = torch.arange(num_routed, device=order_DR.device).expand(num_docs, num_routed)
-        ranks_DR = torch.empty_like(order_DR).scatter_(1, order_DR, arange_DR)
-        in_pool_DR = ranks_DR < pool_sizes_D.to(ranks_DR.device)[:, None]
-        return in_pool_DR.index_select(0, doc_ids_T)
+        return pool_mask_from_scores(scores_DR, pool_sizes_D)
+
+
+def document_pool_mask(
+    routed_logits_TR: torch.Tensor,
+    doc_ids_T: torch.Tensor,
+    pool_sizes_D: torch.Tensor,
+    *,
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Which routed experts each token may use: its document's pool (``document_pools``).
+
+    Args:
+        routed_logits_TR: ``(T, R)`` router logits of the routed (non-shared) experts.
+        doc_ids_T: ``(T,)`` int64 document ids in ``[0, D)``.
+        pool_sizes_D: ``(D,)`` int64 pool size per document.
+        reduce_fn: all-reduces the ``(D, R)`` per-document partial sums (SP/CP).
+
+    Returns:
+        ``(T, R)`` bool, True where the expert is in the token's document pool. No gradient.
+    """
+    in_pool_DR = document_pools(routed_logits_TR, doc_ids_T, pool_sizes_D, reduce_fn=reduce_fn)
+    return in_pool_DR.index_select(0, doc_ids_T)
+
+
+def pool_mask_from_scores(scores_DR: torch.Tensor, pool_sizes_D: torch.Tensor) -> torch.Tensor:
+    """Each document's pool: its ``P`` highest-scoring experts, ties to the lower index.
+
+    Args:
+        scores_DR: ``(D, R)`` document scores (summed token probabilities).
+        pool_sizes_D: ``(D,)`` int64 pool sizes; ``P >= R`` keeps every expert.
+
+    Returns:
+        ``(D, R)`` bool pool membership.
+    """
+    num_routed = scores_DR.shape[1]
+    # Distinct keys, so one unstable sort ranks every expert inside its document.
+    order_DR = torch.argsort(descending_keys(scores_DR), dim=1, descending=True)
+    arange_R = torch.arange(num_routed, device=order_DR.device)
+    kept_DR = arange_R[None, :] < pool_sizes_D.to(order_DR.device)[:, None]
+    return torch.empty_like(kept_DR).scatter_(1, order_DR, kept_DR)

@@ -14,7 +14,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from megatron_emo.routing.pool import document_pool_mask
+from megatron_emo.routing.pool import document_pools
+from megatron_emo.routing.ranking import topk_lowest_index
 
 __all__ = ["EMORouting", "emo_route", "route_within_pools"]
 
@@ -73,30 +74,64 @@ def route_within_pools(
     Returns:
         An ``EMORouting``; ``probs`` has the dtype of ``logits_TE``.
     """
-    num_tokens, num_experts = logits_TE.shape
-    num_routed = num_experts - num_shared_experts
+    num_routed = logits_TE.shape[1] - num_shared_experts
+    _check_slots(topk, num_shared_experts, num_routed)
+    routed_logits_TR = logits_TE[:, :num_routed].float()
+    masked_logits_TR = torch.where(in_pool_TR, routed_logits_TR, float("-inf"))
+    return _route_masked(
+        logits_TE,
+        masked_logits_TR,
+        in_pool_TR,
+        num_slots=topk - num_shared_experts,
+        renormalize=renormalize,
+        score_function=score_function,
+        expert_bias_R=expert_bias_R,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _check_slots(topk: int, num_shared_experts: int, num_routed: int) -> None:
     num_slots = topk - num_shared_experts
     if not 1 <= num_slots <= num_routed:
         raise ValueError(
             f"topk ({topk}) - num_shared_experts ({num_shared_experts}) must be in "
             f"[1, routed experts ({num_routed})]"
         )
-    routed_logits_TR = logits_TE[:, :num_routed].float()
-    masked_logits_TR = routed_logits_TR.masked_fill(~in_pool_TR, float("-inf"))
+
+
+def _route_masked(
+    logits_TE: torch.Tensor,
+    masked_logits_TR: torch.Tensor,
+    in_pool_TR: torch.Tensor | None,
+    *,
+    num_slots: int,
+    renormalize: bool,
+    score_function: str,
+    expert_bias_R: torch.Tensor | None,
+    scaling_factor: float | None,
+) -> EMORouting:
+    """``route_within_pools`` after the masking (``in_pool_TR`` only for sigmoid / bias)."""
+    num_tokens, num_experts = logits_TE.shape
+    num_routed = masked_logits_TR.shape[1]
     if score_function == "softmax":
         scores_TR = torch.softmax(masked_logits_TR, dim=-1)
     elif score_function == "sigmoid":
-        scores_TR = torch.sigmoid(routed_logits_TR) * in_pool_TR
+        scores_TR = torch.sigmoid(logits_TE[:, :num_routed].float()) * in_pool_TR
     else:
         raise ValueError(f"score_function must be 'softmax' or 'sigmoid', got {score_function!r}")
 
     with torch.no_grad():
-        selection_TR = scores_TR.detach()
-        if expert_bias_R is not None:
-            selection_TR = selection_TR + expert_bias_R.float()
-        # Outside the pool is never selectable, whatever the bias.
-        selection_TR = selection_TR.masked_fill(~in_pool_TR, float("-inf"))
-        top_idx_TK = torch.topk(selection_TR, num_slots, dim=-1).indices
+        if expert_bias_R is None:
+            # Both score functions are strictly increasing in the logit, so the masked logits
+            # rank exactly like the scores, without the rounding of the exp (the fused kernel
+            # selects on the same values).
+            selection_TR = masked_logits_TR
+        else:
+            # Outside the pool is never selectable, whatever the bias.
+            selection_TR = torch.where(
+                in_pool_TR, scores_TR.detach() + expert_bias_R.float(), float("-inf")
+            )
+        top_idx_TK = topk_lowest_index(selection_TR, num_slots)
 
     weights_TK = scores_TR.gather(1, top_idx_TK)
     # Sigmoid weights are renormalised over the chosen experts except with one slot (Megatron's
@@ -107,15 +142,17 @@ def route_within_pools(
     if scaling_factor is not None:
         weights_TK = weights_TK * scaling_factor
 
-    routed_map_TR = torch.zeros_like(in_pool_TR).scatter_(1, top_idx_TK, True)
-    routed_probs_TR = torch.zeros_like(scores_TR).scatter(1, top_idx_TK, weights_TK)
-    if num_shared_experts:
-        shared_TS = routed_probs_TR.new_ones((num_tokens, num_shared_experts))
-        probs_TE = torch.cat([routed_probs_TR, shared_TS], dim=1)
-        shared_map_TS = routed_map_TR.new_ones((num_tokens, num_shared_experts))
-        routing_map_TE = torch.cat([routed_map_TR, shared_map_TS], dim=1)
-    else:
-        probs_TE, routing_map_TE = routed_probs_TR, routed_map_TR
+    # The (T, E) outputs are written in place (no concatenation): routed columns by scatter,
+    # the S shared columns set to weight 1.0 / always selected.
+    probs_TE = scores_TR.new_zeros((num_tokens, num_experts))
+    routing_map_TE = torch.zeros(
+        (num_tokens, num_experts), dtype=torch.bool, device=masked_logits_TR.device
+    )
+    if num_experts > num_routed:
+        probs_TE[:, num_routed:] = 1.0
+        routing_map_TE[:, num_routed:] = True
+    probs_TE.scatter_(1, top_idx_TK, weights_TK)
+    routing_map_TE.scatter_(1, top_idx_TK, True)
     if score_function == "sigmoid":
         # The load-balancing loss balances normalised sigmoid scores, as Megatron
         # (compute_routing_scores_for_aux_loss) and the reference do: raw scores would make a
@@ -125,7 +162,7 @@ def route_within_pools(
         probs=probs_TE.to(logits_TE.dtype),
         routing_map=routing_map_TE,
         scores=scores_TR,
-        routed_map=routed_map_TR,
+        routed_map=routing_map_TE[:, :num_routed],
         masked_logits=masked_logits_TR,
     )
 
@@ -165,8 +202,23 @@ def emo_route(
         ``(probs, routing_map)``: ``(T, E)`` float with zeros off the map, ``(T, E)`` bool.
     """
     num_routed = logits.shape[1] - num_shared_experts
-    in_pool_TR = document_pool_mask(logits[:, :num_routed], doc_ids, pool_sizes, reduce_fn=reduce_fn)
-    result = route_within_pools(
-        logits, in_pool_TR, topk=topk, num_shared_experts=num_shared_experts, renormalize=renormalize
+    _check_slots(topk, num_shared_experts, num_routed)
+    routed_logits_TR = logits[:, :num_routed].float()
+    in_pool_DR = document_pools(routed_logits_TR, doc_ids, pool_sizes, reduce_fn=reduce_fn)
+    # Mask by adding 0 / -inf gathered per token (in place into the gathered buffer): several
+    # times faster on CPU than a bool where/masked_fill over (T, R). The gradient reaches the
+    # logits where the mask is 0 (softmax gives the -inf entries zero gradient anyway).
+    bias_DR = torch.zeros(in_pool_DR.shape, dtype=torch.float32, device=in_pool_DR.device)
+    bias_DR.masked_fill_(~in_pool_DR, float("-inf"))
+    masked_logits_TR = bias_DR.index_select(0, doc_ids).add_(routed_logits_TR)
+    result = _route_masked(
+        logits,
+        masked_logits_TR,
+        None,
+        num_slots=topk - num_shared_experts,
+        renormalize=renormalize,
+        score_function="softmax",
+        expert_bias_R=None,
+        scaling_factor=None,
     )
     return result.probs, result.routing_map

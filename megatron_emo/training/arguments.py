@@ -75,6 +75,12 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Balance over the micro-batches of the step seen so far, not each one alone.",
     )
     group.add_argument(
+        "--emo-router-fusion", choices=["auto", "on", "off"], default="auto",
+        dest="emo_router_fusion",
+        help="Fused Triton EMO routing: 'auto' on CUDA when triton imports (softmax scoring, no "
+        "expert bias), 'on' to require it, 'off' for the pure-torch path.",
+    )
+    group.add_argument(
         "--emo-no-scale-aux-loss-by-num-layers", action="store_false",
         dest="emo_scale_aux_loss_by_num_layers",
         help="Apply --moe-aux-loss-coeff/--moe-z-loss-coeff per layer instead of splitting "

@@ -12,10 +12,12 @@ import torch
 from reference import reference_doc_ids_from_eod, reference_emo_route, reference_pools
 
 from megatron_emo.routing import (
+    descending_keys,
     document_pool_mask,
     emo_route,
     route_within_pools,
     segment_sum,
+    topk_lowest_index,
 )
 
 EOD = 0
@@ -145,6 +147,24 @@ def test_pool_all_equal_logits_takes_lowest_indices() -> None:
     assert in_pool[5].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
 
 
+def test_descending_keys_order_like_floats_with_lower_index_first() -> None:
+    tiny = 3e-39  # subnormal
+    row = [0.0, -0.0, 1.0, -1.0, float("-inf"), float("inf"), -2.5, tiny, -tiny, 0.0, -0.0, 1.0]
+    keys = descending_keys(torch.tensor([row]))
+    assert keys.dtype == torch.int64 and keys.unique().numel() == len(row)
+    order = torch.argsort(keys, descending=True)[0].tolist()
+    assert order == sorted(range(len(row)), key=lambda i: (-row[i], i))
+    # Rows are independent; fp64 input is ranked in fp32.
+    values = torch.tensor([[2.0, 2.0, 1.0], [1.0, 2.0, 2.0]], dtype=torch.float64)
+    assert topk_lowest_index(values, 2).tolist() == [[0, 1], [1, 2]]
+
+
+def test_topk_lowest_index_ignores_the_zero_sign() -> None:
+    values = torch.zeros(3, 10)
+    values[:, ::2] = -0.0
+    assert topk_lowest_index(values, 4).sort(dim=1).values.tolist() == [[0, 1, 2, 3]] * 3
+
+
 TIE_CASES = ["duplicated_columns", "identical_rows", "all_equal_logits"]
 
 
@@ -167,22 +187,7 @@ def _tie_case(name: str) -> dict:
     return case
 
 
-_TOPK_TIE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): route_within_pools breaks per-token top-k ties with torch.topk, which "
-    "on CPU does not prefer the lower expert index (torch.topk(torch.zeros(1, 10), 3) -> [8, 6, 7]); "
-    "the pool mask does prefer it. Remove this marker once token ties go to the lower index.",
-)
-TIE_PARAMS = [
-    # Passes today: the tied experts 7/8/9 straddle the top-k edge for 10 tokens and torch.topk
-    # happens to keep the lower indices at this size.
-    pytest.param("duplicated_columns", id="duplicated_columns"),
-    pytest.param("identical_rows", id="identical_rows", marks=_TOPK_TIE_BUG),
-    pytest.param("all_equal_logits", id="all_equal_logits", marks=_TOPK_TIE_BUG),
-]
-
-
-@pytest.mark.parametrize("name", TIE_PARAMS)
+@pytest.mark.parametrize("name", TIE_CASES, ids=TIE_CASES)
 def test_emo_route_ties_match_reference(name: str) -> None:
     _check_against_reference(_tie_case(name))
 
