@@ -42,6 +42,10 @@ class EMOTransformerConfig(TransformerConfig):
     emo_num_shared_experts: int = 0
     """Shared experts inside the router: the last router columns, always selected, weight 1.0."""
 
+    emo_num_padding_experts: int = 0
+    """Never-routed padding experts (columns ``[routed | padding | shared]``) that make the expert
+    count a multiple of the expert-parallel size; dropped on HF export, re-created on import."""
+
     emo_pool_size_seed: int = 12536
     """Seed of the counter-based pool-size draw, keyed by (seed, iteration, layer, document)."""
 

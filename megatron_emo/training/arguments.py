@@ -53,6 +53,11 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--num-experts and --moe-router-topk. EMO 1B14B: 1.",
     )
     group.add_argument(
+        "--emo-num-padding-experts", type=int, default=0, dest="emo_num_padding_experts",
+        help="Never-routed padding experts between the routed and the shared columns, counted in "
+        "--num-experts, so that it divides by the expert-parallel size.",
+    )
+    group.add_argument(
         "--emo-pool-size-seed", type=int, default=12536, dest="emo_pool_size_seed",
         help="Seed of the counter-based pool-size draw (seed, iteration, layer, document).",
     )
