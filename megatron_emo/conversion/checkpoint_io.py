@@ -129,12 +129,18 @@ def load_slice(ckpt_dir: str, name: str, stored: dict) -> torch.Tensor:
                 f"{name} needs index {i} (missing layer or expert)"
             )
     n = len(index)
+    chunks = [c for c in md.state_dict_metadata[key].chunks
+              if all(c.offsets[a] <= index[a] < c.offsets[a] + c.sizes[a] for a in range(n))]
+    if len(chunks) == 1 and tuple(chunks[0].sizes[n:]) == tuple(gshape[n:]):
+        # One chunk holds the whole slice (how Megatron saves layers and experts): no copy.
+        c = chunks[0]
+        t = _read_chunk(ckpt_dir, md.storage_data[MetadataIndex(key, c.offsets)])
+        sub = t[tuple(index[a] - c.offsets[a] for a in range(n))]
+        return sub if sub.untyped_storage().nbytes() == sub.nbytes else sub.clone()
     buf = torch.empty(gshape[n:], dtype=dtype)
     covered = 0
-    for chunk in md.state_dict_metadata[key].chunks:
+    for chunk in chunks:
         off, size = tuple(chunk.offsets), tuple(chunk.sizes)
-        if not all(off[a] <= index[a] < off[a] + size[a] for a in range(n)):
-            continue
         info = md.storage_data[MetadataIndex(key, chunk.offsets)]
         t = _read_chunk(ckpt_dir, info)
         sub = t[tuple(index[a] - off[a] for a in range(n))]

@@ -48,7 +48,8 @@ __all__ = ["check_parallel_layout", "import_from_hf", "resolve_shared_layout", "
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Layer-level modules whose ``_extra_state`` Megatron stores as one ShardedObject per layer.
+# Layer-level modules whose ``_extra_state`` Megatron stores as one ShardedObject per layer
+# (``pre_mlp_layernorm``: only the Transformer Engine MoE spec has it as its own module).
 _LAYER_EXTRA_STATES = ("self_attention.linear_qkv", "self_attention.linear_proj",
                        "pre_mlp_layernorm")
 _SHARED_MLP_EXTRA_STATES = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")

@@ -11,6 +11,7 @@ lay out identical bytes for the same tensors in the same order and shard limit.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -274,14 +275,17 @@ class HFWeights:
         begin, end = info["data_offsets"]
         if end - begin != _nbytes(shape, dtype):
             raise ValueError(f"{name} in {file}: {end - begin} bytes for shape {shape} {dtype}")
+        t = torch.empty(shape, dtype=dtype)
         if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - begin)
+            return t
+        # Read straight into the tensor's memory. Not through ``.numpy()``: that makes the
+        # storage non-resizable, and the checkpoint writer frees written chunks by resizing.
+        view = memoryview((ctypes.c_char * (end - begin)).from_address(t.data_ptr())).cast("B")
         with open(os.path.join(self.hf_dir, file), "rb") as f:
             f.seek(start + begin)
-            if f.readinto(buf) != len(buf):
+            if f.readinto(view) != end - begin:
                 raise ValueError(f"{os.path.join(self.hf_dir, file)} is truncated at {name}")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return t
 
 
 def tokenizer_vocab_size(tokenizer_dir: str) -> int | None:

@@ -82,6 +82,7 @@ class _StreamingSavePlanner(DefaultSavePlanner):
             raise ValueError("duplicate (key, offset) in the torch_dist chunk table")
         self._objects = objects
         self._on_write = on_write
+        self._previous: torch.Tensor | None = None
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
         self.state_dict = {}
@@ -113,9 +114,24 @@ class _StreamingSavePlanner(DefaultSavePlanner):
             raise ValueError(f"{c.key} at offset {c.offset}: got a tensor of shape "
                              f"{tuple(t.shape)}, the chunk is {c.size}")
         t = t.to(c.dtype).reshape(c.size)
+        storage = t.untyped_storage()
+        if storage.nbytes() != t.nbytes or not storage.resizable():
+            t = t.clone()  # own storage, so the loader hands this very tensor to torch.save
+        # NOTE: the writer keeps every written tensor in a dict keyed by tensor name until the
+        # file is closed (filesystem.py:449, only read for the safetensors format), so one chunk
+        # per key (the embedding and the output layer whole) would stay in memory. The previous
+        # chunk is on disk once the next one is asked for: free its storage.
+        self.release()
+        self._previous = t
         if self._on_write is not None:
             self._on_write(c)
         return t
+
+    def release(self) -> None:
+        """Frees the storage of the last chunk handed out (already written)."""
+        if self._previous is not None:
+            self._previous.untyped_storage().resize_(0)
+            self._previous = None
 
 
 def write_torch_dist(ckpt_dir: str, chunks: Sequence[TensorChunk], *, common_state: dict,
@@ -138,9 +154,10 @@ def write_torch_dist(ckpt_dir: str, chunks: Sequence[TensorChunk], *, common_sta
     objects[extra_state_key("common_state", (1,), (0,))] = _serialized(common_state)
     writer = FileSystemWriter(ckpt_dir, single_file_per_rank=True, sync_files=True,
                               thread_count=1, per_thread_copy_ahead=0)
+    planner = _StreamingSavePlanner(chunks, objects, on_write)
     try:
-        dcp_save({}, storage_writer=writer,
-                 planner=_StreamingSavePlanner(chunks, objects, on_write), no_dist=True)
+        dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
+        planner.release()
     except CheckpointException as err:
         # DCP wraps whatever a chunk's loader raised (a refusal naming a tensor, an I/O error,
         # KeyboardInterrupt); the caller gets the original.

@@ -190,19 +190,21 @@ def test_failure_midway_leaves_no_output_and_keeps_the_previous_one(tmp_path, hf
     assert _dir_bytes(ckpt / "release") == previous and _partials(tmp_path) == []
     monkeypatch.setattr(hf_io.HFWeights, "get", real_get)
 
-    real_load, loads = cio.load_slice, [0]
+    from megatron_emo.conversion import to_hf
 
-    def failing_load(*args):
-        loads[0] += 1
-        if loads[0] == 20:
+    real_convert, converts = to_hf.to_hf_tensors, [0]
+
+    def failing_convert(*args):
+        converts[0] += 1
+        if converts[0] == 20:
             raise OSError("injected checkpoint read failure")
-        return real_load(*args)
+        return real_convert(*args)
 
-    monkeypatch.setattr(cio, "load_slice", failing_load)
+    monkeypatch.setattr(to_hf, "to_hf_tensors", failing_convert)
     with pytest.raises(OSError, match="injected checkpoint"):
         export_to_hf(str(ckpt), str(hf_out))
     assert not hf_out.exists() and _partials(tmp_path) == []
-    monkeypatch.setattr(cio, "load_slice", real_load)
+    monkeypatch.setattr(to_hf, "to_hf_tensors", real_convert)
     export_to_hf(str(ckpt), str(hf_out))
     assert all(torch.equal(_hf_tensors(hf_out)[k], v) for k, v in sd.items())
     export_to_hf(str(ckpt), str(hf_out), dtype="bfloat16")  # a previous export is replaced
@@ -283,6 +285,7 @@ def test_killed_import_leaves_nothing_that_looks_complete(tmp_path, hf_dir):
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (tmp_path / "m").exists()
     (left,) = _partials(tmp_path)  # the partial output, which names itself as such
+    assert os.path.getsize(tmp_path / left / "release" / "__0_0.distcp") > 0  # killed mid-write
     assert not os.path.exists(tmp_path / left / "release" / "metadata.json")
     import_from_hf(path, str(tmp_path / "m"))  # the next import removes the dead one's leftovers
     assert _partials(tmp_path) == [] and (tmp_path / "m" / "release" / "metadata.json").exists()
