@@ -9,8 +9,13 @@ Each conversion is reported against issue 14's bound: baseline + 1.5 x the large
 input HF shard for from-hf, the output shard for to-hf). Peak RSS over baseline divided by the
 largest shard is the ratio column; the bound holds when it is <= 1.5.
 
+With ``--compare-root DIR`` (a checkout of an earlier version, e.g. ``git worktree add DIR REV``)
+the same from-hf / to-hf calls also run with that version's ``megatron_emo`` (API of commit
+58dbe63: ``import_from_hf(hf, out)``, ``export_to_hf(ckpt, out, max_shard_bytes=...)``).
+
 Usage:
   OMP_NUM_THREADS=1 python benchmarks/bench_convert.py [--workdir /tmp/bench] [--shard-mb 128 512]
+      [--compare-root DIR]
 """
 
 from __future__ import annotations
@@ -29,18 +34,19 @@ SHAPE = dict(num_layers=6, hidden_size=1024, num_attention_heads=8, num_key_valu
 MIB = 2**20
 
 
-def _stage(code: str) -> tuple[float, float, str]:
-    """Runs ``code`` in a fresh interpreter: (wall seconds, peak RSS MiB, stdout)."""
+def _stage(code: str, root: str = ROOT) -> tuple[float, float, str]:
+    """Runs ``code`` in a fresh interpreter with ``root`` first on sys.path: (wall s, peak RSS
+    MiB, stdout)."""
     wrapper = (
         "import resource, sys, time\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
+        f"sys.path.insert(0, {root!r})\n"
         "t0 = time.perf_counter()\n"
         f"{code}\n"
         "print('WALL', time.perf_counter() - t0)\n"
         "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", wrapper], env=env, cwd=ROOT,
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", wrapper], env=env, cwd=root,
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"stage failed:\n{code}\n{proc.stderr[-3000:]}")
@@ -61,6 +67,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="/tmp/emo_bench_convert")
     parser.add_argument("--shard-mb", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--ep", type=int, default=8, help="from-hf --ep (padding: 31 -> 32)")
+    parser.add_argument("--compare-root", help="checkout of an earlier version to run as well")
     args = parser.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
@@ -88,7 +95,8 @@ def main(argv=None) -> None:
             f"os.makedirs({hf_in!r}); w = StreamingShardWriter({hf_in!r}, entries, {mb} * 2**20)\n"
             "g = torch.Generator().manual_seed(0)\n"
             "for n, s, _ in entries: w.add(n, 0.02 * torch.randn(s, generator=g))\n"
-            f"w.close(); write_config({hf_in!r}, shape, 'float32'); copy_modeling_files({hf_in!r})\n"
+            f"w.close(); write_config({hf_in!r}, shape, 'float32')\n"
+            f"copy_modeling_files({hf_in!r})\n"
         )
         rows.append((f"write random HF ({mb} MiB shards)", str(mb), "-", wall, rss, "-"))
         out = os.path.join(args.workdir, f"mcore_{mb}")
@@ -110,6 +118,23 @@ def main(argv=None) -> None:
         )
         largest = int(next(x.split()[1] for x in text.splitlines() if x.startswith("LARGEST")))
         bound_row(f"to-hf (output shards {mb} MiB)", mb, wall, rss, largest)
+    if args.compare_root:
+        hf_in = os.path.join(args.workdir, f"hf_in_{args.shard_mb[-1]}")
+        old_ckpt = os.path.join(args.workdir, "mcore_compare")
+        wall, rss, _ = _stage(
+            "from megatron_emo.conversion.from_hf import import_from_hf\n"
+            f"import_from_hf({hf_in!r}, {old_ckpt!r})", root=args.compare_root)
+        bound_row(f"compare-root from-hf (input shards {args.shard_mb[-1]} MiB)",
+                  args.shard_mb[-1], wall, rss, _largest_file(hf_in, ".safetensors"))
+        for mb in args.shard_mb:
+            out = os.path.join(args.workdir, f"hf_compare_{mb}")
+            wall, rss, text = _stage(
+                "from megatron_emo.conversion.to_hf import export_to_hf\n"
+                f"i = export_to_hf({old_ckpt!r}, {out!r}, max_shard_bytes={mb} * 2**20)\n"
+                "print('LARGEST', i['largest_shard_bytes'])", root=args.compare_root)
+            largest = int(next(x.split()[1] for x in text.splitlines()
+                               if x.startswith("LARGEST")))
+            bound_row(f"compare-root to-hf (output shards {mb} MiB)", mb, wall, rss, largest)
     print(f"model: {SHAPE}\nweights: {size / 2**30:.2f} GiB fp32\n")
     print("| stage | shard limit MiB | largest shard MiB | wall s | peak RSS MiB | "
           "(peak - baseline) / largest shard (bound 1.5) |\n|---|---|---|---|---|---|")

@@ -37,7 +37,8 @@ def _check_stored(stored: dict, mappings, shape, layout: str, num_padding: int) 
         key, index = cio.storage_key(m.mcore)
         needed[cio.stored_key(key, stored)] = index
     model_keys = {k for k in stored if not k.startswith(("optimizer.", "rng_state", "rerun"))}
-    aliases = {cio.STORAGE_ALIASES.get(k) for k in needed} | {
+    # Both spellings of an aliased tensor may be stored (from-hf writes both): one is read.
+    aliases = {a for k, a in cio.STORAGE_ALIASES.items() if k in needed or a in needed} | {
         k for k, a in cio.STORAGE_ALIASES.items() if a in needed}
     unknown = sorted(model_keys - set(needed) - aliases)
     if unknown:
@@ -127,6 +128,8 @@ def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_bytes: int = 2 *
     try:
         with staged_output_dir(output_dir, what="HF model directory", is_previous_output=lambda p:
                                os.path.isfile(os.path.join(p, "config.json"))) as tmp:
+            if tokenizer:  # first: its vocabulary check must not wait for the weights
+                copy_tokenizer(tokenizer, tmp, shape.vocab_size)
             writer = StreamingShardWriter(tmp, entries, max_shard_bytes)
             for m in mappings:
                 t = cio.load_slice(ckpt_dir, m.mcore, stored)
@@ -143,8 +146,6 @@ def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_bytes: int = 2 *
             write_config(tmp, shape, dtype or stored_dtype.replace("torch.", ""))
             write_generation_config(tmp, shape)
             copy_modeling_files(tmp)
-            if tokenizer:
-                copy_tokenizer(tokenizer, tmp, shape.vocab_size)
     finally:
         bar.close()
     index["largest_shard_bytes"] = writer.largest_shard_bytes

@@ -37,7 +37,8 @@ def test_streaming_writer_matches_buffered_writer_and_safetensors(tmp_path):
 
     gen = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 40, generator=gen),
-               "b": torch.randn(70, generator=gen).bfloat16(), "c": torch.arange(12).reshape(3, 4), "d": torch.zeros(0, 5),
+               "b": torch.randn(70, generator=gen).bfloat16(),
+               "c": torch.arange(12).reshape(3, 4), "d": torch.zeros(0, 5),
                "e": torch.randn(100, generator=gen).half()}
     entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     for name in ("buffered", "streamed"):
