@@ -4,7 +4,13 @@
         [--tokenizer DIR_OR_SPM_MODEL] [--max-shard-size-mb 2048] [--dry-run]
         [--eos-token-id N] [--pad-token-id N]
     python tools/convert_checkpoint.py from-hf HF_DIR OUTPUT_CHECKPOINT_DIR [--tp N --ep N]
-        [--shared-layout router|mlp] [--dtype bfloat16]
+        [--shared-layout auto|mlp|router] [--num-padding-experts N] [--dtype bfloat16]
+
+Both directions stream (about one tensor in memory), need no GPU and no process group, show a
+progress bar on a terminal, and write to a hidden temporary directory renamed to the output at
+the end. from-hf --ep N: 'auto' (default) makes Megatron's SharedExpertMLP hold the shared expert
+and pads the routed experts to a multiple of N (EP-balanced); it prints the matching training
+flags.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ def main(argv=None) -> None:
     from_hf = sub.add_parser("from-hf", help="HF -> Megatron torch_dist (weights only)")
     from_hf.add_argument("input")
     from_hf.add_argument("output")
-    from_hf.add_argument("--tp", type=int, default=1)
-    from_hf.add_argument("--ep", type=int, default=1)
-    from_hf.add_argument("--shared-layout", choices=["router", "mlp"], default="router")
+    from_hf.add_argument("--tp", type=int, default=1, help="checked against the heads")
+    from_hf.add_argument("--ep", type=int, default=1,
+                         help="expert-parallel size to train with (or a multiple of it)")
+    from_hf.add_argument("--shared-layout", choices=["auto", "mlp", "router"], default="auto",
+                         help="auto: mlp (SharedExpertMLP + padding) for one shared expert")
+    from_hf.add_argument("--num-padding-experts", type=int,
+                         help="default: the fewest that make --ep divide the expert count")
     from_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     if args.command == "to-hf":
@@ -50,9 +60,9 @@ def main(argv=None) -> None:
     else:
         from megatron_emo.conversion.from_hf import import_from_hf
 
-        path = import_from_hf(args.input, args.output, tp=args.tp, ep=args.ep,
-                              shared_layout=args.shared_layout, dtype=args.dtype)
-        print(f"wrote {path}")
+        import_from_hf(args.input, args.output, tp=args.tp, ep=args.ep,
+                       shared_layout=args.shared_layout,
+                       num_padding_experts=args.num_padding_experts, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python tools/select_experts.py CHECKPOINT EXAMPLES.jsonl --keep 16 --output DIR
         [--method greedy-layerwise|global] [--keep-per-layer 16,16,...] [--ep 1]
+        [--shared-layout auto|mlp|router]
         [--no-megatron] [--tokenizer DIR_OR_SPM_MODEL] [--batch-size 8]
         [--device cuda] [--dtype float32]
 
@@ -10,7 +11,9 @@ EXAMPLES.jsonl holds ``{"text": ...}`` (tokenised with the checkpoint's tokenize
 ``{"tokens": [...]}`` records. Writes DIR/selection.json, DIR/hf (pruned HF model, loadable with
 ``AutoModelForCausalLM.from_pretrained(DIR/hf, trust_remote_code=True)``) and DIR/megatron
 (torch_dist; skipped with a warning when --keep-per-layer counts differ). --keep counts the shared
-expert(s).
+expert(s). The Megatron subset uses the EP-balanced layout by default (SharedExpertMLP, the kept
+routed experts padded with never-routed experts to a multiple of --ep); the log prints the
+matching training flags.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def main(argv=None) -> None:
     parser.add_argument("--method", choices=["greedy-layerwise", "global"],
                         default="greedy-layerwise")
     parser.add_argument("--ep", type=int, default=1,
-                        help="expert-parallel size the Megatron subset must divide into")
+                        help="expert-parallel size of the Megatron subset (padded to divide)")
+    parser.add_argument("--shared-layout", choices=["auto", "mlp", "router"], default="auto",
+                        help="Megatron layout of the shared expert (auto: SharedExpertMLP + "
+                        "padding)")
     parser.add_argument("--no-megatron", action="store_true", help="skip DIR/megatron")
     parser.add_argument("--tokenizer", help="tokenizer for the HF export of a Megatron checkpoint")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -61,6 +67,7 @@ def main(argv=None) -> None:
 
     sel = select_and_export(args.checkpoint, args.examples, args.output, keep=args.keep,
                             keep_per_layer=args.keep_per_layer, method=args.method, ep=args.ep,
+                            shared_layout=args.shared_layout,
                             megatron=not args.no_megatron, tokenizer=args.tokenizer,
                             batch_size=args.batch_size, device=device, dtype=args.dtype,
                             log=log)

@@ -1,5 +1,6 @@
 """Checkpoint conversion between Megatron torch_dist checkpoints and the published EMO HF format.
 
-``key_map`` and ``hf_config`` and ``hf_io`` are pure torch/json (no megatron); ``checkpoint_io``,
-``to_hf`` and ``from_hf`` read and write Megatron checkpoints.
+``key_map``, ``hf_config``, ``hf_io`` and ``staging`` are pure torch/json (no megatron);
+``checkpoint_io``, ``torch_dist_writer``, ``to_hf`` and ``from_hf`` read and write Megatron
+checkpoints, streaming and without a process group, model-parallel state or CUDA.
 """

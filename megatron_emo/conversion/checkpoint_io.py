@@ -10,33 +10,38 @@ expert tensor once for all layers and **global** experts (``decoder.layers.mlp.e
 <sub>``, leading axes = (layer, expert)); TP shards are stored at their global offsets (fused QKV
 keeps Megatron's per-group layout, SwiGLU fc1 is stored as cat(gate, up) of the full matrices), so
 the stored layout does not depend on the TP / PP / EP layout it was saved with. Norm weights are
-stored under the Transformer Engine spelling (``linear_qkv.layer_norm_weight``) by both specs.
+stored under the fused-norm spelling (``linear_qkv.layer_norm_weight``,
+``mlp.linear_fc1.layer_norm_weight``) by the local spec and by the Transformer Engine spec of
+dense layers; the TE spec of an MoE layer keeps its pre-MLP norm as ``pre_mlp_layernorm.weight``
+(``megatron/core/models/gpt/gpt_layer_specs.py:157-166``), read here as an alias.
 
-Only this module, ``to_hf`` and ``from_hf`` import megatron.
+Nothing here needs a process group, model-parallel state or CUDA: checkpoints are read straight
+from the DCP files (and written by ``torch_dist_writer``). Only this module, ``torch_dist_writer``,
+``to_hf`` and ``from_hf`` import megatron.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 
 import torch
-import torch.distributed as dist
 
 from megatron_emo.conversion.hf_config import EmoShape
 from megatron_emo.conversion.key_map import mcore_num_experts
 
 __all__ = [
+    "STORAGE_ALIASES",
     "TRACKER_FILE",
-    "ensure_process_group",
+    "load_slice",
     "load_slices",
-    "mcore_config_from_shape",
     "megatron_args",
     "resolve_checkpoint_dir",
-    "save_megatron_checkpoint",
     "shape_from_args",
     "storage_key",
+    "stored_key",
     "stored_tensor_keys",
 ]
 
@@ -48,6 +53,18 @@ _NORM_STORAGE = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
+
+
+# torch_dist key -> the spelling another spec stores the same tensor under.
+STORAGE_ALIASES = {
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight": "decoder.layers.pre_mlp_layernorm.weight",
+}
+
+
+def stored_key(key: str, stored: dict) -> str:
+    """``key`` or, when only that is in the checkpoint, its ``STORAGE_ALIASES`` spelling."""
+    alias = STORAGE_ALIASES.get(key)
+    return alias if key not in stored and alias in stored else key
 
 
 def storage_key(mcore_name: str) -> tuple[str, tuple[int, ...]]:
@@ -78,22 +95,6 @@ def resolve_checkpoint_dir(path: str) -> str:
     return path
 
 
-def ensure_process_group() -> None:
-    """dist_checkpointing needs a process group: a 1-rank gloo group when none exists."""
-    if dist.is_initialized():
-        return
-    from megatron_emo.mcore.cpu_backend import enable_cpu_backend
-
-    if not torch.cuda.is_available():
-        enable_cpu_backend()  # torch.cuda.synchronize in filesystem_async.py:248
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-
-
 def stored_tensor_keys(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Tensor keys of a torch_dist checkpoint with their global shapes and dtypes."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -106,46 +107,56 @@ def stored_tensor_keys(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.
     }
 
 
-def load_slices(ckpt_dir: str, names: list[str], stored: dict) -> dict[str, torch.Tensor]:
-    """Loads only the slices of ``names`` (GPTModel parameter names, global expert ids).
+def load_slice(ckpt_dir: str, name: str, stored: dict) -> torch.Tensor:
+    """Loads the slice of one GPTModel parameter name (global expert ids) from the storage.
 
-    Reads the torch_dist (PyTorch DCP) storage directly: for each requested (layer[, expert])
-    slice, only the saved chunks that intersect it are read from the ``.distcp`` files, whatever
-    TP / PP / EP layout wrote them.
+    Reads the torch_dist (PyTorch DCP) storage directly: only the saved chunks that intersect the
+    requested (layer[, expert]) slice are read, whatever TP / PP / EP layout wrote them, and each
+    chunk is deserialised straight from its byte range of the ``.distcp`` file.
     """
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
     md = _metadata(ckpt_dir)
-    out = {}
-    for name in names:
-        key, index = storage_key(name)
-        if key not in stored:
-            raise KeyError(f"checkpoint {ckpt_dir} has no tensor {key} (needed for {name})")
-        gshape, dtype = stored[key]
-        for axis, i in enumerate(index):
-            if i >= gshape[axis]:
-                raise KeyError(
-                    f"checkpoint tensor {key} has {gshape[axis]} entries on axis {axis}; "
-                    f"{name} needs index {i} (missing layer or expert)"
-                )
-        n = len(index)
-        buf = torch.empty(gshape[n:], dtype=dtype)
-        covered = 0
-        for chunk in md.state_dict_metadata[key].chunks:
-            off, size = tuple(chunk.offsets), tuple(chunk.sizes)
-            if not all(off[a] <= index[a] < off[a] + size[a] for a in range(n)):
-                continue
-            info = md.storage_data[MetadataIndex(key, chunk.offsets)]
-            t = _read_chunk(ckpt_dir, info)
-            sub = t[tuple(index[a] - off[a] for a in range(n))]
-            region = tuple(slice(o, o + s) for o, s in zip(off[n:], size[n:]))
-            buf[region] = sub
-            covered += sub.numel()
-        if covered != buf.numel():
-            raise ValueError(f"checkpoint chunks of {key} cover {covered} of {buf.numel()} "
-                             f"elements of {name}")
-        out[name] = buf
-    return out
+    key, index = storage_key(name)
+    key = stored_key(key, stored)
+    if key not in stored:
+        raise KeyError(f"checkpoint {ckpt_dir} has no tensor {key} (needed for {name})")
+    gshape, dtype = stored[key]
+    for axis, i in enumerate(index):
+        if i >= gshape[axis]:
+            raise KeyError(
+                f"checkpoint tensor {key} has {gshape[axis]} entries on axis {axis}; "
+                f"{name} needs index {i} (missing layer or expert)"
+            )
+    n = len(index)
+    chunks = [c for c in md.state_dict_metadata[key].chunks
+              if all(c.offsets[a] <= index[a] < c.offsets[a] + c.sizes[a] for a in range(n))]
+    if len(chunks) == 1 and tuple(chunks[0].sizes[n:]) == tuple(gshape[n:]):
+        # One chunk holds the whole slice (how Megatron saves layers and experts): no copy.
+        c = chunks[0]
+        t = _read_chunk(ckpt_dir, md.storage_data[MetadataIndex(key, c.offsets)])
+        sub = t[tuple(index[a] - c.offsets[a] for a in range(n))]
+        return sub if sub.untyped_storage().nbytes() == sub.nbytes else sub.clone()
+    buf = torch.empty(gshape[n:], dtype=dtype)
+    covered = 0
+    for chunk in chunks:
+        off, size = tuple(chunk.offsets), tuple(chunk.sizes)
+        info = md.storage_data[MetadataIndex(key, chunk.offsets)]
+        t = _read_chunk(ckpt_dir, info)
+        sub = t[tuple(index[a] - off[a] for a in range(n))]
+        region = tuple(slice(o, o + s) for o, s in zip(off[n:], size[n:]))
+        buf[region] = sub
+        covered += sub.numel()
+        del t, sub
+    if covered != buf.numel():
+        raise ValueError(f"checkpoint chunks of {key} cover {covered} of {buf.numel()} "
+                         f"elements of {name}")
+    return buf
+
+
+def load_slices(ckpt_dir: str, names: list[str], stored: dict) -> dict[str, torch.Tensor]:
+    """``load_slice`` for several names."""
+    return {name: load_slice(ckpt_dir, name, stored) for name in names}
 
 
 _MD_CACHE: dict[str, object] = {}
@@ -162,20 +173,51 @@ def _metadata(ckpt_dir: str):
     return _MD_CACHE[key]
 
 
-def _read_chunk(ckpt_dir: str, info) -> torch.Tensor:
-    """One saved chunk (a ``torch.save``d tensor inside a ``.distcp`` file)."""
-    import io
+class _FileWindow(io.RawIOBase):
+    """Read-only view of ``length`` bytes at ``offset`` of an open file (seekable)."""
 
+    def __init__(self, f, offset: int, length: int):
+        self._f, self._start, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._len - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n])
+        self._pos += got
+        return got
+
+
+def _read_chunk(ckpt_dir: str, info) -> torch.Tensor:
+    """One saved chunk (a ``torch.save``d tensor inside a ``.distcp`` file).
+
+    ``torch.load`` reads the record from a window on the file, so the chunk's bytes are not
+    held twice (as ``f.read`` + ``BytesIO`` would).
+    """
     if getattr(info, "transform_descriptors", None):
         raise ValueError(f"compressed torch_dist chunks are not supported: {info}")
     with open(os.path.join(ckpt_dir, info.relative_path), "rb") as f:
-        f.seek(info.offset)
-        data = f.read(info.length)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        window = io.BufferedReader(_FileWindow(f, info.offset, info.length))
+        return torch.load(window, map_location="cpu", weights_only=True)
 
 
-def shape_from_args(args) -> tuple[EmoShape, str]:
-    """HF shape and Megatron shared-expert layout from a checkpoint's ``args``."""
+def shape_from_args(args) -> tuple[EmoShape, str, int]:
+    """HF shape, Megatron shared-expert layout and padding-expert count from ``args``."""
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     heads = g("num_attention_heads")
     groups = g("num_query_groups") if g("group_query_attention", False) else heads
@@ -185,6 +227,10 @@ def shape_from_args(args) -> tuple[EmoShape, str]:
         raise ValueError("checkpoint args have no num_experts: not an MoE model")
     shared_mlp = g("moe_shared_expert_intermediate_size")
     emo_shared = g("emo_num_shared_experts", 0) or 0
+    padding = g("emo_num_padding_experts", 0) or 0
+    if not 0 <= padding < num_experts - emo_shared:
+        raise ValueError(f"checkpoint args emo_num_padding_experts={padding} must be in [0, "
+                         f"num_experts - emo_num_shared_experts = {num_experts - emo_shared})")
     ffn = g("moe_ffn_hidden_size") or g("ffn_hidden_size")
     if shared_mlp:
         if emo_shared:
@@ -195,9 +241,11 @@ def shape_from_args(args) -> tuple[EmoShape, str]:
                 f"moe_shared_expert_intermediate_size ({shared_mlp}) must equal the expert "
                 f"hidden size ({ffn}) to become one HF expert"
             )
-        layout, hf_experts, shared, topk = "mlp", num_experts + 1, 1, g("moe_router_topk") + 1
+        layout, hf_experts, shared = "mlp", num_experts - padding + 1, 1
+        topk = g("moe_router_topk") + 1
     else:
-        layout, hf_experts, shared, topk = "router", num_experts, emo_shared, g("moe_router_topk")
+        layout, hf_experts, shared = "router", num_experts - padding, emo_shared
+        topk = g("moe_router_topk")
     for flag, want in (("swiglu", True), ("add_bias_linear", False),
                        ("untie_embeddings_and_output_weights", True)):
         if hasattr(args, flag) and bool(getattr(args, flag)) != want:
@@ -220,7 +268,7 @@ def shape_from_args(args) -> tuple[EmoShape, str]:
         rms_norm_eps=g("norm_epsilon", 1e-5),
         **_special_token_ids(args),
     )
-    return shape, layout
+    return shape, layout, padding
 
 
 def _special_token_ids(args) -> dict[str, int]:
@@ -251,9 +299,9 @@ def _special_token_ids(args) -> dict[str, int]:
 
 
 def megatron_args(shape: EmoShape, shared_layout: str, tp: int = 1, ep: int = 1,
-                  **extra) -> argparse.Namespace:
+                  num_padding: int = 0, **extra) -> argparse.Namespace:
     """The ``args`` namespace stored in a checkpoint's common state (megatron.training names)."""
-    n_mcore = mcore_num_experts(shape, shared_layout)
+    n_mcore = mcore_num_experts(shape, shared_layout, num_padding)
     a = dict(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -268,6 +316,7 @@ def megatron_args(shape: EmoShape, shared_layout: str, tp: int = 1, ep: int = 1,
         moe_shared_expert_intermediate_size=(
             shape.intermediate_size if shared_layout == "mlp" else None),
         emo_num_shared_experts=shape.num_shared_experts if shared_layout == "router" else 0,
+        emo_num_padding_experts=num_padding,
         padded_vocab_size=shape.vocab_size,
         max_position_embeddings=shape.max_position_embeddings,
         seq_length=shape.max_position_embeddings,
@@ -289,90 +338,3 @@ def megatron_args(shape: EmoShape, shared_layout: str, tp: int = 1, ep: int = 1,
     )
     a.update(extra)
     return argparse.Namespace(**a)
-
-
-def mcore_config_from_shape(shape: EmoShape, shared_layout: str, **overrides):
-    """An ``EMOTransformerConfig`` (pools off: ``emo_routing='standard'``) for CPU model builds."""
-    from megatron_emo.mcore import EMOTransformerConfig
-
-    kw = dict(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        num_attention_heads=shape.num_attention_heads,
-        num_query_groups=shape.num_key_value_heads,
-        kv_channels=shape.head_dim,
-        ffn_hidden_size=shape.intermediate_size,
-        num_moe_experts=mcore_num_experts(shape, shared_layout),
-        moe_ffn_hidden_size=shape.intermediate_size,
-        moe_router_topk=shape.num_experts_per_tok - (1 if shared_layout == "mlp" else 0),
-        emo_num_shared_experts=shape.num_shared_experts if shared_layout == "router" else 0,
-        moe_shared_expert_intermediate_size=(
-            shape.intermediate_size if shared_layout == "mlp" else None),
-        emo_routing="standard",
-        moe_router_dtype="fp32",
-        moe_token_dispatcher_type="alltoall",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        layernorm_epsilon=shape.rms_norm_eps,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        moe_permute_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-    )
-    kw.update(overrides)
-    return EMOTransformerConfig(**kw)
-
-
-def build_model(config, shape: EmoShape):
-    """GPTModel with the EMO local spec on the CPU backend (needs model-parallel state)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.moe import moe_logging
-
-    from megatron_emo.mcore import get_emo_layer_spec
-    from megatron_emo.mcore.cpu_backend import adapt_model_for_cpu
-
-    moe_logging.destroy_moe_metrics_tracker()
-    spec = get_emo_layer_spec(config, use_transformer_engine=False)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=shape.vocab_size,
-        max_sequence_length=shape.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(shape.rope_theta),
-        share_embeddings_and_output_weights=False,
-    )
-    return adapt_model_for_cpu(model)
-
-
-def save_megatron_checkpoint(model, out_dir: str, args, iteration: int | None = None,
-                             extra_common: dict | None = None) -> str:
-    """Saves ``model`` as megatron.training does (``release`` when ``iteration`` is None).
-
-    Returns:
-        The dist_checkpointing directory written.
-    """
-    from megatron.core import dist_checkpointing
-
-    sub = "release" if iteration is None else f"iter_{iteration:07d}"
-    ckpt_dir = os.path.join(out_dir, sub)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    state = {
-        "model": model.sharded_state_dict(),
-        "args": args,
-        "checkpoint_version": 3.0,
-        "iteration": 0 if iteration is None else iteration,
-    }
-    state.update(extra_common or {})
-    dist_checkpointing.save(state, ckpt_dir)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        with open(os.path.join(out_dir, TRACKER_FILE), "w") as f:
-            f.write("release" if iteration is None else str(iteration))
-    return ckpt_dir

@@ -19,9 +19,15 @@ Shared expert, two Megatron layouts (``shared_layout``):
   state under ``SHARED_ROUTER_ROWS_KEY`` so HF -> Megatron -> HF stays bit-exact; a checkpoint
   without it exports a zero row.
 
+Padding experts (``num_padding``, the EP-balanced layout): Megatron's experts are ordered
+``[routed R | padding Pd | shared S]`` (``S`` only in the ``router`` layout), the router has a row
+for each. Padding experts are never routed; they have no HF tensors: export drops their weights
+and router rows, import re-creates them as zeros (op ``zeros``).
+
 Ops: ``copy``; ``qkv`` (Megatron's per-query-group interleaved ``[q_0..q_{r-1}, k, v]`` rows per
 group <-> separate q/k/v); ``glu`` (fc1 = cat(gate, up) rows <-> gate_proj/up_proj);
-``router_mlp`` (first ``E-1`` rows in Megatron, last row in the common state).
+``router`` / ``router_mlp`` (routed rows, zero padding rows, then the shared rows in Megatron;
+in ``router_mlp`` the shared row lives in the common state); ``zeros`` (a padding expert).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "expand_mappings",
     "hf_shapes",
     "mcore_num_experts",
+    "padding_for_ep",
     "to_hf_tensors",
     "to_mcore_tensor",
 ]
@@ -102,10 +109,10 @@ class Mapping:
     op: str
     layer: int | None = None
     expert: int | None = None
+    num_padding: int = 0
 
 
-def mcore_num_experts(shape: EmoShape, shared_layout: str) -> int:
-    """Experts in Megatron's MoE layer for this HF shape and shared-expert layout."""
+def _unpadded_num_experts(shape: EmoShape, shared_layout: str) -> int:
     if shared_layout == "router":
         return shape.num_experts
     if shared_layout == "mlp":
@@ -118,21 +125,45 @@ def mcore_num_experts(shape: EmoShape, shared_layout: str) -> int:
     raise ValueError(f"shared_layout must be 'router' or 'mlp', got {shared_layout!r}")
 
 
-def expand_mappings(shape: EmoShape, shared_layout: str = "router") -> list[Mapping]:
-    """The full table for a model: global entries, then per layer its tensors and experts."""
+def mcore_num_experts(shape: EmoShape, shared_layout: str, num_padding: int = 0) -> int:
+    """Experts in Megatron's MoE layer for this HF shape, shared-expert layout and padding."""
+    if num_padding < 0:
+        raise ValueError(f"num_padding must be >= 0, got {num_padding}")
+    return _unpadded_num_experts(shape, shared_layout) + num_padding
+
+
+def padding_for_ep(shape: EmoShape, shared_layout: str, ep: int) -> int:
+    """Fewest padding experts that make Megatron's expert count a multiple of ``ep``."""
+    if ep < 1:
+        raise ValueError(f"expert_model_parallel_size must be >= 1, got {ep}")
+    return -_unpadded_num_experts(shape, shared_layout) % ep
+
+
+def expand_mappings(shape: EmoShape, shared_layout: str = "router",
+                    num_padding: int = 0) -> list[Mapping]:
+    """The full table for a model: global entries, then per layer its tensors and experts.
+
+    Megatron expert ``e`` of a layer is HF routed expert ``e`` for ``e < R``, a padding expert
+    (op ``zeros``, no HF tensor) for ``R <= e < R + num_padding``, and HF expert ``e - num_padding``
+    (an in-router shared expert) above that.
+    """
     out = [Mapping(m, hf, op) for m, hf, op in GLOBAL_TEMPLATES]
-    n_mcore = mcore_num_experts(shape, shared_layout)
+    n_mcore = mcore_num_experts(shape, shared_layout, num_padding)
+    routed = shape.num_routed_experts
     for layer in range(shape.num_layers):
         for m, hf, op in LAYER_TEMPLATES:
             if op == "router" and shared_layout == "mlp":
                 op = "router_mlp"
             out.append(Mapping(m.format(layer=layer), tuple(h.format(layer=layer) for h in hf), op,
-                               layer))
+                               layer, num_padding=num_padding if op.startswith("router") else 0))
         for expert in range(n_mcore):
+            padding = routed <= expert < routed + num_padding
+            j = expert if expert < routed else expert - num_padding
             for m, hf, op in EXPERT_TEMPLATES:
                 out.append(Mapping(m.format(layer=layer, expert=expert),
-                                   tuple(h.format(layer=layer, expert=expert) for h in hf), op,
-                                   layer, expert))
+                                   () if padding else
+                                   tuple(h.format(layer=layer, expert=j) for h in hf),
+                                   "zeros" if padding else op, layer, expert))
         if shared_layout == "mlp":
             shared = shape.num_experts - 1
             for m, hf, op in SHARED_MLP_TEMPLATES:
@@ -176,9 +207,11 @@ def mcore_shape(mapping: Mapping, shape: EmoShape) -> tuple[int, ...]:
     if mapping.op == "glu":
         return (2 * f, h)
     if mapping.op == "router_mlp":
-        return (shape.num_experts - 1, h)
+        return (shape.num_experts - 1 + mapping.num_padding, h)
     if mapping.op == "router":
-        return (shape.num_experts, h)
+        return (shape.num_experts + mapping.num_padding, h)
+    if mapping.op == "zeros" and mapping.mcore.endswith("linear_fc1.weight"):
+        return (2 * f, h)
     if mapping.mcore.endswith("linear_fc2.weight"):
         return (h, f)
     if mapping.mcore.endswith("linear_proj.weight"):
@@ -197,6 +230,11 @@ def to_hf_tensors(mapping: Mapping, t: torch.Tensor, shape: EmoShape,
                   shared_router_row: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Megatron tensor -> its HF tensors (views/clones, same dtype)."""
     _check(mapping.mcore, t, mcore_shape(mapping, shape))
+    routed, pad = shape.num_routed_experts, mapping.num_padding
+    if mapping.op == "zeros":
+        return {}
+    if mapping.op == "router" and pad:
+        return {mapping.hf[0]: torch.cat([t[:routed], t[routed + pad:]], dim=0)}
     if mapping.op == "copy" or mapping.op == "router":
         return {mapping.hf[0]: t}
     if mapping.op == "glu":
@@ -213,18 +251,29 @@ def to_hf_tensors(mapping: Mapping, t: torch.Tensor, shape: EmoShape,
     if mapping.op == "router_mlp":
         row = (torch.zeros(1, t.shape[1], dtype=t.dtype) if shared_router_row is None
                else shared_router_row.reshape(1, -1).to(t.dtype))
-        return {mapping.hf[0]: torch.cat([t, row], dim=0)}
+        return {mapping.hf[0]: torch.cat([t[:routed], row], dim=0)}
     raise ValueError(f"unknown op {mapping.op!r}")
 
 
-def to_mcore_tensor(mapping: Mapping, hf: dict[str, torch.Tensor], shape: EmoShape
+def to_mcore_tensor(mapping: Mapping, hf: dict[str, torch.Tensor], shape: EmoShape,
+                    dtype: torch.dtype = torch.float32
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """HF tensors of ``mapping`` -> (Megatron tensor, shared router row for ``router_mlp``)."""
+    """HF tensors of ``mapping`` -> (Megatron tensor, shared router row for ``router_mlp``).
+
+    ``dtype`` is used only for op ``zeros`` (padding experts), which has no HF tensor.
+    """
     expected = hf_shapes_for(mapping, shape)
     for name in mapping.hf:
         if name not in hf:
             raise KeyError(f"missing HF tensor {name} (needed for {mapping.mcore})")
         _check(name, hf[name], expected[name])
+    routed, pad = shape.num_routed_experts, mapping.num_padding
+    if mapping.op == "zeros":
+        return torch.zeros(mcore_shape(mapping, shape), dtype=dtype), None
+    if mapping.op == "router" and pad:
+        g = hf[mapping.hf[0]]
+        zeros = torch.zeros(pad, g.shape[1], dtype=g.dtype)
+        return torch.cat([g[:routed], zeros, g[routed:]], dim=0), None
     if mapping.op in ("copy", "router"):
         return hf[mapping.hf[0]], None
     if mapping.op == "glu":
@@ -239,7 +288,10 @@ def to_mcore_tensor(mapping: Mapping, hf: dict[str, torch.Tensor], shape: EmoSha
         return torch.cat([q, k, v], dim=1).reshape(ng * (r + 2) * hd, h), None
     if mapping.op == "router_mlp":
         g = hf[mapping.hf[0]]
-        return g[:-1], g[-1].clone()
+        if pad:
+            zeros = torch.zeros(pad, g.shape[1], dtype=g.dtype)
+            return torch.cat([g[:routed], zeros], dim=0), g[routed].clone()
+        return g[:routed], g[routed].clone()
     raise ValueError(f"unknown op {mapping.op!r}")
 
 
@@ -253,4 +305,6 @@ def hf_shapes_for(mapping: Mapping, shape: EmoShape) -> dict[str, tuple[int, ...
         return {mapping.hf[0]: (f, h), mapping.hf[1]: (f, h)}
     if mapping.op in ("router", "router_mlp"):
         return {mapping.hf[0]: (shape.num_experts, h)}
+    if mapping.op == "zeros":
+        return {}
     return {mapping.hf[0]: mcore_shape(mapping, shape)}

@@ -28,7 +28,8 @@ __all__ = ["select_and_export"]
 
 def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
                       keep: int | None = None, keep_per_layer: Sequence[int] | None = None,
-                      method: Method = "greedy-layerwise", ep: int = 1, megatron: bool = True,
+                      method: Method = "greedy-layerwise", ep: int = 1,
+                      shared_layout: str = "auto", megatron: bool = True,
                       tokenizer: str | None = None, batch_size: int = 8,
                       device: str = "cpu", dtype: str = "float32",
                       log: Callable[[str], None] = print) -> Selection:
@@ -42,7 +43,9 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
         keep: experts kept per layer, shared included.
         keep_per_layer: one keep count per layer instead of ``keep``.
         method: ``global`` or ``greedy-layerwise``.
-        ep: expert-parallel size the Megatron subset must divide into.
+        ep: expert-parallel size of the Megatron subset (padding experts make it divide).
+        shared_layout: Megatron layout of the shared expert: ``auto`` (SharedExpertMLP plus
+            padding to a multiple of ``ep``), ``mlp`` or ``router``.
         megatron: write ``megatron/``.
         tokenizer: tokenizer copied into the export of a Megatron checkpoint.
         batch_size: sequences per forward.
@@ -54,7 +57,7 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
         The selection.
 
     Raises:
-        ValueError: bad keep counts, EP not dividing keep_k, bad examples, not an EMO checkpoint.
+        ValueError: bad keep counts or EP size, bad examples, not an EMO checkpoint.
     """
     workdir = tempfile.mkdtemp(prefix="emo_select_")
     try:
@@ -100,8 +103,9 @@ def select_and_export(checkpoint: str, examples_path: str, output_dir: str, *,
                 f"{cfg['num_experts_per_tok']}: the subset routes every token to all "
                 f"{new_cfg['num_experts_per_tok']} kept experts (spec 4.4)")
         if megatron:
-            path = export_megatron_subset(hf_out, os.path.join(output_dir, "megatron"), ep=ep)
-            log(f"wrote Megatron checkpoint {path} (EP {ep} divides {keeps[0]} experts)")
+            path = export_megatron_subset(hf_out, os.path.join(output_dir, "megatron"), ep=ep,
+                                          shared_layout=shared_layout, log=log)
+            log(f"wrote Megatron checkpoint {path} for EP {ep}")
         return sel
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -7,7 +7,9 @@
   sliced, the config gets ``num_experts = keep_k`` (shared included) or ``num_experts_per_layer``
   when the counts differ, ``num_experts_per_tok = min(original, keep_k)``, and
   ``pruning_metadata.json`` records the original indices.
-* ``export_megatron_subset``: the pruned HF directory as a Megatron torch_dist checkpoint.
+* ``export_megatron_subset``: the pruned HF directory as a Megatron torch_dist checkpoint
+  (the streaming ``from-hf``; by default the EP-balanced layout: SharedExpertMLP and the kept
+  routed experts padded with never-routed experts to a multiple of ``ep``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -199,32 +201,44 @@ def _natural_key(name: str) -> list:
 
 
 def check_megatron_subset(num_experts_per_layer: Sequence[int], ep: int) -> None:
-    """Refuses subsets Megatron cannot hold: different counts per layer, or EP not dividing.
+    """Refuses subsets Megatron cannot hold: different counts per layer, or a bad EP size.
+
+    Any EP size works otherwise: the export pads the experts to a multiple of it.
 
     Raises:
-        ValueError: naming the counts and the EP size.
+        ValueError: naming the counts or the EP size.
     """
     if len(set(num_experts_per_layer)) > 1:
         raise ValueError(f"a Megatron checkpoint needs the same expert count in every layer; the "
                          f"subset keeps {list(num_experts_per_layer)} experts per layer")
-    n = num_experts_per_layer[0]
-    if ep < 1 or n % ep:
-        raise ValueError(f"the pruned expert count {n} (shared included) must be divisible by "
-                         f"expert_model_parallel_size {ep}")
+    if ep < 1:
+        raise ValueError(f"expert_model_parallel_size must be >= 1, got {ep}")
 
 
 def export_megatron_subset(pruned_hf_dir: str, out_dir: str, *, ep: int = 1, tp: int = 1,
-                           dtype: str | None = None) -> str:
+                           shared_layout: str = "auto", dtype: str | None = None,
+                           log: Callable[[str], None] = print) -> str:
     """Imports a pruned HF directory as a Megatron torch_dist checkpoint (weights only).
+
+    Args:
+        pruned_hf_dir: the pruned EMO HF directory (uniform expert count per layer).
+        out_dir: the checkpoint directory to create.
+        ep: expert-parallel size; padding experts make it divide the experts.
+        tp: tensor-parallel size checked against the heads.
+        shared_layout: ``auto`` (SharedExpertMLP + padding), ``mlp`` or ``router``
+            (``conversion.from_hf``).
+        dtype: stored dtype; default the source's.
+        log: receives the summary and the matching training flags.
 
     Returns:
         The dist_checkpointing directory written (``out_dir/release``).
 
     Raises:
-        ValueError: per-layer expert counts differ, or ``ep`` does not divide the count.
+        ValueError: per-layer expert counts differ, or TP / EP sizes do not fit.
     """
     from megatron_emo.conversion.from_hf import import_from_hf
     from megatron_emo.subsets.sources import read_emo_config
 
     check_megatron_subset(layer_num_experts(read_emo_config(pruned_hf_dir)), ep)
-    return import_from_hf(pruned_hf_dir, out_dir, tp=tp, ep=ep, dtype=dtype)
+    return import_from_hf(pruned_hf_dir, out_dir, tp=tp, ep=ep, shared_layout=shared_layout,
+                          dtype=dtype, print_fn=log)

@@ -1,11 +1,19 @@
-"""Tiny Megatron EMO models trained a few steps and saved as megatron.training checkpoints."""
+"""Tiny Megatron EMO models (built on the CPU backend), trained a few steps and saved the way
+megatron.training saves them (``dist_checkpointing.save`` of the model's sharded state dict): the
+reference the streaming conversion is compared with. Test support only: the conversion itself
+builds no model."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 from hf_tiny import TINY
 
 from megatron_emo.conversion import checkpoint_io as cio
+from megatron_emo.conversion.hf_config import EmoShape
+from megatron_emo.conversion.key_map import mcore_num_experts
 
 SEQ = 32
 
@@ -14,9 +22,9 @@ def causal_mask(seq: int) -> torch.Tensor:
     return torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
 
 
-def build(layout: str = "router", shape=TINY, seed: int = 0, **overrides):
+def build(layout: str = "router", shape=TINY, seed: int = 0, num_padding: int = 0, **overrides):
     torch.manual_seed(seed)
-    return cio.build_model(cio.mcore_config_from_shape(shape, layout, **overrides), shape)
+    return build_model(mcore_config_from_shape(shape, layout, num_padding, **overrides), shape)
 
 
 def train_few_steps(layout: str = "router", steps: int = 3, seed: int = 0):
@@ -74,8 +82,97 @@ def stored_model_tensors(ckpt: str) -> dict[str, torch.Tensor]:
 
     ckpt_dir = cio.resolve_checkpoint_dir(ckpt)
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    shape, layout = cio.shape_from_args(common["args"])
+    shape, layout, padding = cio.shape_from_args(common["args"])
     from megatron_emo.conversion.key_map import expand_mappings
 
-    names = [m.mcore for m in expand_mappings(shape, layout)]
+    names = [m.mcore for m in expand_mappings(shape, layout, padding)]
     return cio.load_slices(ckpt_dir, names, cio.stored_tensor_keys(ckpt_dir))
+
+
+def mcore_config_from_shape(shape: EmoShape, shared_layout: str, num_padding: int = 0,
+                            **overrides):
+    """An ``EMOTransformerConfig`` (pools off: ``emo_routing='standard'``) for CPU model builds."""
+    from megatron_emo.mcore import EMOTransformerConfig
+
+    kw = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_key_value_heads,
+        kv_channels=shape.head_dim,
+        ffn_hidden_size=shape.intermediate_size,
+        num_moe_experts=mcore_num_experts(shape, shared_layout, num_padding),
+        emo_num_padding_experts=num_padding,
+        moe_ffn_hidden_size=shape.intermediate_size,
+        moe_router_topk=shape.num_experts_per_tok - (1 if shared_layout == "mlp" else 0),
+        emo_num_shared_experts=shape.num_shared_experts if shared_layout == "router" else 0,
+        moe_shared_expert_intermediate_size=(
+            shape.intermediate_size if shared_layout == "mlp" else None),
+        emo_routing="standard",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.rms_norm_eps,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        moe_permute_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+    kw.update(overrides)
+    return EMOTransformerConfig(**kw)
+
+
+def build_model(config, shape: EmoShape):
+    """GPTModel with the EMO local spec on the CPU backend (needs model-parallel state)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.moe import moe_logging
+
+    from megatron_emo.mcore import get_emo_layer_spec
+    from megatron_emo.mcore.cpu_backend import adapt_model_for_cpu
+
+    moe_logging.destroy_moe_metrics_tracker()
+    spec = get_emo_layer_spec(config, use_transformer_engine=False)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta),
+        share_embeddings_and_output_weights=False,
+    )
+    return adapt_model_for_cpu(model)
+
+
+def save_megatron_checkpoint(model, out_dir: str, args, iteration: int | None = None,
+                             extra_common: dict | None = None) -> str:
+    """Saves ``model`` as megatron.training does (``release`` when ``iteration`` is None).
+
+    Returns:
+        The dist_checkpointing directory written.
+    """
+    from megatron.core import dist_checkpointing
+
+    sub = "release" if iteration is None else f"iter_{iteration:07d}"
+    ckpt_dir = os.path.join(out_dir, sub)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    state = {
+        "model": model.sharded_state_dict(),
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": 0 if iteration is None else iteration,
+    }
+    state.update(extra_common or {})
+    dist_checkpointing.save(state, ckpt_dir)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(out_dir, cio.TRACKER_FILE), "w") as f:
+            f.write("release" if iteration is None else str(iteration))
+    return ckpt_dir

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from megatron_emo.conversion.hf_io import HFWeights, ShardWriter, copy_tokenizer
+from megatron_emo.conversion.hf_io import (HFWeights, ShardWriter, StreamingShardWriter,
+                                           copy_tokenizer)
 
 
 def test_shard_writer_limits_shards_and_indexes_everything(tmp_path):
@@ -28,6 +29,60 @@ def test_shard_writer_limits_shards_and_indexes_everything(tmp_path):
     back = HFWeights(str(tmp_path))
     assert back.names() == set(tensors)
     assert all(torch.equal(back.get(k), v) for k, v in tensors.items())
+
+
+def test_streaming_writer_matches_buffered_writer_and_safetensors(tmp_path):
+    """Planned shards: same bytes as ShardWriter, readable by safetensors; reader reads both."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 40, generator=gen),
+               "b": torch.randn(70, generator=gen).bfloat16(),
+               "c": torch.arange(12).reshape(3, 4), "d": torch.zeros(0, 5),
+               "e": torch.randn(100, generator=gen).half()}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    for name in ("buffered", "streamed"):
+        os.makedirs(tmp_path / name)
+    buffered = ShardWriter(str(tmp_path / "buffered"), max_shard_bytes=500)
+    streamed = StreamingShardWriter(str(tmp_path / "streamed"), entries, max_shard_bytes=500)
+    for k, v in tensors.items():
+        buffered.add(k, v)
+        streamed.add(k, v)
+    assert buffered.close() == streamed.close()
+    assert buffered.largest_shard_bytes == streamed.largest_shard_bytes == 480
+    files = sorted(os.listdir(tmp_path / "buffered"))
+    assert len(files) == 3 and files == sorted(os.listdir(tmp_path / "streamed"))
+    loaded = {}
+    for f in files:
+        a, b = (open(tmp_path / d / f, "rb").read() for d in ("buffered", "streamed"))
+        assert a == b, f
+        if f.endswith(".safetensors"):
+            loaded.update(load_file(str(tmp_path / "streamed" / f)))
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in tensors.items())
+    back = HFWeights(str(tmp_path / "streamed"))
+    assert back.shape("a") == (3, 40) and back.dtype("b") == torch.bfloat16
+    assert all(torch.equal(back.get(k), v) for k, v in tensors.items())
+    # Files written by safetensors itself read back the same.
+    os.makedirs(tmp_path / "official")
+    save_file(tensors, str(tmp_path / "official" / "model.safetensors"))
+    official = HFWeights(str(tmp_path / "official"))
+    assert all(torch.equal(official.get(k), v) for k, v in tensors.items())
+
+
+def test_streaming_writer_refuses_tensors_off_plan(tmp_path):
+    w = StreamingShardWriter(str(tmp_path), [("x", (2, 3), torch.float32),
+                                             ("y", (4,), torch.float32)], max_shard_bytes=100)
+    with pytest.raises(ValueError, match=r"expected x \(2, 3\) torch.float32, got y"):
+        w.add("y", torch.zeros(4))
+    w2 = StreamingShardWriter(str(tmp_path), [("x", (2, 3), torch.float32)], max_shard_bytes=100)
+    with pytest.raises(ValueError, match=r"expected x \(2, 3\) torch.float32, got x \(3, 2\)"):
+        w2.add("x", torch.zeros(3, 2))
+    w3 = StreamingShardWriter(str(tmp_path), [("x", (2,), torch.float32),
+                                              ("y", (2,), torch.float32)], max_shard_bytes=4)
+    w3.add("x", torch.zeros(2))
+    with pytest.raises(ValueError, match="closed early: shard 1 of 2"):
+        w3.close()
 
 
 def _tokenizer_dir(path, n_tokens):

@@ -119,12 +119,16 @@ def test_config_json_has_every_spec_field_and_reads_back():
 
 
 def test_te_and_local_norm_spellings_share_storage_and_names():
-    from megatron_emo.conversion.checkpoint_io import storage_key
-    from megatron_emo.conversion.from_hf import _local_name
+    from megatron_emo.conversion.checkpoint_io import STORAGE_ALIASES, storage_key, stored_key
 
     for te, local in MCORE_ALIASES.items():
         assert storage_key(te.format(layer=3)) == storage_key(local.format(layer=3))
-        assert _local_name(te.format(layer=12)) == local.format(layer=12)
+    # The TE spec of an MoE layer stores the pre-MLP norm under its own name.
+    key = storage_key("decoder.layers.3.pre_mlp_layernorm.weight")[0]
+    te_key = "decoder.layers.pre_mlp_layernorm.weight"
+    assert STORAGE_ALIASES[key] == te_key
+    assert stored_key(key, {te_key: None}) == te_key
+    assert stored_key(key, {key: None, te_key: None}) == key
     assert storage_key("decoder.layers.3.input_layernorm.weight") == (
         "decoder.layers.self_attention.linear_qkv.layer_norm_weight", (3,))
     assert storage_key("decoder.layers.5.mlp.experts.local_experts.100.linear_fc2.weight") == (

@@ -21,8 +21,8 @@ import shutil
 import pytest
 import torch
 from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
-from mcore_tiny import (build, load_into, megatron_greedy, megatron_logits, stored_model_tensors,
-                        train_few_steps)
+from mcore_tiny import (build, load_into, megatron_greedy, megatron_logits,
+                        save_megatron_checkpoint, stored_model_tensors, train_few_steps)
 from safetensors.torch import load_file
 
 from megatron_emo.conversion import checkpoint_io as cio
@@ -57,7 +57,7 @@ def _same_dir_files(a, b) -> None:
 def test_trained_model_export_parity_and_round_trip(tmp_path, layout):
     trained = train_few_steps(layout)
     ckpt = str(tmp_path / "mcore")
-    cio.save_megatron_checkpoint(trained, ckpt, cio.megatron_args(TINY, layout), iteration=3)
+    save_megatron_checkpoint(trained, ckpt, cio.megatron_args(TINY, layout), iteration=3)
     hf_dir = tmp_path / "hf"
     index = export_to_hf(ckpt, str(hf_dir), max_shard_bytes=30_000)
     assert len(set(index["weight_map"].values())) > 1
@@ -126,7 +126,7 @@ def test_pruned_checkpoint_imports_with_same_logits(tmp_path):
     json.dump({"experts_kept_per_layer": [keep, keep]}, open(tmp_path / "hf" /
                                                              "pruning_metadata.json", "w"))
     ckpt = str(tmp_path / "m")
-    import_from_hf(str(tmp_path / "hf"), ckpt, ep=2)
+    import_from_hf(str(tmp_path / "hf"), ckpt, ep=2, shared_layout="router")
     model = load_into(build("router", shape=pruned_shape), ckpt)
     tokens = torch.randint(2, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     diff = (megatron_logits(model, tokens) - _hf_model(tmp_path / "hf")(tokens).logits).abs().max()
@@ -165,12 +165,18 @@ def test_refuses_inconsistent_inputs(tmp_path):
         {"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 32)}))
     with pytest.raises(ValueError, match="shape mismatch for model.layers.0.self_attn.k_proj"):
         import_from_hf(shape, str(tmp_path / "x4"))
-    with pytest.raises(ValueError, match="expert_model_parallel_size 2 does not divide the 7"):
-        import_from_hf(str(tmp_path / "ok"), str(tmp_path / "x5"), ep=2, shared_layout="mlp")
+    with pytest.raises(ValueError, match="expert_model_parallel_size 2 does not divide the 7 "
+                                         r"Megatron experts per layer \(0 of them padding\)"):
+        import_from_hf(str(tmp_path / "ok"), str(tmp_path / "x5"), ep=2, shared_layout="mlp",
+                       num_padding_experts=0)
+    with pytest.raises(ValueError, match="tensor_model_parallel_size 3 does not divide "
+                                         "num_attention_heads=4"):
+        import_from_hf(str(tmp_path / "ok"), str(tmp_path / "x6"), tp=3)
+    assert not any(os.path.exists(tmp_path / f"x{i}") for i in range(1, 7))
 
     # Export side: a checkpoint whose args promise more experts than it stores.
     ckpt = str(tmp_path / "m")
-    import_from_hf(str(tmp_path / "ok"), ckpt)
+    import_from_hf(str(tmp_path / "ok"), ckpt, shared_layout="router")
     from megatron.core import dist_checkpointing
 
     ckpt_dir = cio.resolve_checkpoint_dir(ckpt)
@@ -199,10 +205,20 @@ def test_cli_dry_run_prints_mapping(tmp_path, capsys):
     convert_checkpoint.main(["to-hf", str(tmp_path / "m"), str(tmp_path / "out"), "--dry-run"])
     out = capsys.readouterr().out
     assert not os.path.exists(tmp_path / "out")
-    assert ("decoder.layers.1.mlp.experts.local_experts.7.linear_fc1.weight "
-            "[decoder.layers.mlp.experts.experts.linear_fc1.weight[1, 7]] --glu--> "
-            "model.layers.1.mlp.experts.7.gate_proj.weight, "
-            "model.layers.1.mlp.experts.7.up_proj.weight") in out
+    # --ep 4, shared_layout auto: SharedExpertMLP + 7 routed + 1 padding expert = 8.
+    assert ("train with: --num-experts 8 --moe-ffn-hidden-size 16 "
+            "--moe-shared-expert-intermediate-size 16 --emo-num-shared-experts 0 "
+            "--moe-router-topk 2 --emo-num-padding-experts 1") in out
+    assert ("decoder.layers.1.mlp.experts.local_experts.6.linear_fc1.weight "
+            "[decoder.layers.mlp.experts.experts.linear_fc1.weight[1, 6]] --glu--> "
+            "model.layers.1.mlp.experts.6.gate_proj.weight, "
+            "model.layers.1.mlp.experts.6.up_proj.weight") in out
+    assert ("decoder.layers.1.mlp.experts.local_experts.7.linear_fc2.weight "
+            "[decoder.layers.mlp.experts.experts.linear_fc2.weight[1, 7]] --zeros--> "
+            "(padding expert, dropped)") in out
+    assert ("decoder.layers.1.mlp.shared_experts.linear_fc1.weight "
+            "[decoder.layers.mlp.shared_experts.linear_fc1.weight[1]] --glu--> "
+            "model.layers.1.mlp.experts.7.gate_proj.weight") in out
     assert "--qkv--> model.layers.0.self_attn.q_proj.weight" in out
 
 
@@ -212,10 +228,9 @@ def test_bfloat16_import_and_export(tmp_path):
     import_from_hf(str(tmp_path / "hf"), str(tmp_path / "m"), dtype="bfloat16")
     export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf2"))
     back = _hf_tensors(tmp_path / "hf2")
-    # Export keeps stored dtypes; Megatron's torch RMSNorm keeps fp32 weights in a bf16 model.
-    assert all(torch.equal(back[k].to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in sd.items())
-    assert {k for k, v in back.items() if v.dtype != torch.bfloat16} == {
-        k for k in sd if k.endswith("norm.weight")}
+    # Every tensor is stored in bf16, norms included, as a --bf16 run saves its model.
+    assert all(torch.equal(back[k], v.to(torch.bfloat16)) for k, v in sd.items())
+    assert all(v.dtype == torch.bfloat16 for v in back.values())
     assert json.load(open(tmp_path / "hf2" / "config.json"))["torch_dtype"] == "bfloat16"
     export_to_hf(str(tmp_path / "m"), str(tmp_path / "hf3"), dtype="float32", eos_token_id=7,
                  pad_token_id=9)

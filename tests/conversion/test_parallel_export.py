@@ -21,7 +21,7 @@ from megatron_emo.conversion.to_hf import export_to_hf
 
 
 def _resave(rank, world_size, src, dst, tp, ep):
-    from mcore_tiny import build, load_into
+    from mcore_tiny import build, load_into, save_megatron_checkpoint
 
     from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
 
@@ -33,7 +33,7 @@ def _resave(rank, world_size, src, dst, tp, ep):
     assert model.decoder.layers[0].self_attention.linear_qkv.weight.shape[0] == 64 // tp
     fc1 = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1.weight
     assert fc1.shape[0] == 2 * TINY.intermediate_size // tp
-    cio.save_megatron_checkpoint(model, dst, cio.megatron_args(TINY, "router", tp=tp, ep=ep),
+    save_megatron_checkpoint(model, dst, cio.megatron_args(TINY, "router", tp=tp, ep=ep),
                                  iteration=3)
 
 
@@ -44,11 +44,11 @@ def _files(path):
 
 @pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
 def test_export_identical_across_saved_layouts(tmp_path, megatron_cpu, tp, ep):
-    from mcore_tiny import train_few_steps
+    from mcore_tiny import save_megatron_checkpoint, train_few_steps
 
     model = train_few_steps("router")
     ep1 = str(tmp_path / "ep1")
-    cio.save_megatron_checkpoint(model, ep1, cio.megatron_args(TINY, "router"), iteration=3)
+    save_megatron_checkpoint(model, ep1, cio.megatron_args(TINY, "router"), iteration=3)
     other = str(tmp_path / f"tp{tp}ep{ep}")
     run_distributed(_resave, 2, ep1, other, tp, ep)
     export_to_hf(ep1, str(tmp_path / "hf1"), max_shard_bytes=30_000)

@@ -46,7 +46,7 @@ def test_hf_input_writes_pruned_hf_and_trainable_megatron(tmp_path, tiny_hf_dir,
     ex = _write_examples(tmp_path / "ex.jsonl")
     out = tmp_path / "out"
     select_experts.main([tiny_hf_dir, ex, "--keep", "4", "--output", str(out), "--ep", "2",
-                         "--method", "global"])
+                         "--method", "global", "--shared-layout", "router"])
     sel = json.load(open(out / "selection.json"))
     assert Selection.load(str(out / "selection.json")).to_dict() == sel
     assert sel["method"] == "global" and sel["keep_k"] == 4 and sel["num_examples"] == 4
@@ -85,6 +85,38 @@ def test_hf_input_writes_pruned_hf_and_trainable_megatron(tmp_path, tiny_hf_dir,
     assert "decoder.layers.0.mlp.router.weight" in changed
     assert "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight" in changed
     assert "wrote Megatron checkpoint" in capsys.readouterr().out
+
+
+def test_megatron_subset_default_layout_pads_to_ep(tmp_path, tiny_hf_dir, capsys):
+    """Default layout: SharedExpertMLP, and 3 kept routed experts + 1 padding expert at EP 2."""
+    from hf_tiny import TINY
+    from mcore_tiny import build, load_into
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    ex = _write_examples(tmp_path / "ex.jsonl")
+    out = tmp_path / "out"
+    select_experts.main([tiny_hf_dir, ex, "--keep", "4", "--output", str(out), "--ep", "2",
+                         "--method", "global"])
+    assert "--emo-num-padding-experts 1" in capsys.readouterr().out
+    args = dist_checkpointing.load_common_state_dict(str(out / "megatron" / "release"))["args"]
+    assert (args.num_experts, args.emo_num_padding_experts, args.emo_num_shared_experts,
+            args.moe_shared_expert_intermediate_size, args.moe_router_topk) == (4, 1, 0, 16, 2)
+    hf = {}
+    for f in os.listdir(out / "hf"):
+        if f.endswith(".safetensors"):
+            hf.update(load_file(str(out / "hf" / f)))
+    shape = dataclasses.replace(TINY, num_experts=4)
+    model = load_into(build("mlp", shape=shape, num_padding=1), str(out / "megatron"))
+    for i, layer in enumerate(model.decoder.layers):
+        p = f"model.layers.{i}.mlp."
+        assert torch.equal(layer.mlp.router.weight[:3], hf[p + "gate.weight"][:3])
+        assert not layer.mlp.router.weight[3].any()
+        assert not layer.mlp.experts.local_experts[3].linear_fc2.weight.any()
+        assert torch.equal(layer.mlp.experts.local_experts[2].linear_fc2.weight,
+                           hf[p + "experts.2.down_proj.weight"])
+        assert torch.equal(layer.mlp.shared_experts.linear_fc2.weight,
+                           hf[p + "experts.3.down_proj.weight"])
 
 
 def test_megatron_input_is_exported_first_and_selects_the_same(tmp_path, tiny_hf_dir, capsys):
@@ -171,9 +203,8 @@ def test_bad_input_is_refused(tmp_path, tiny_hf_dir):
             run("--keep", k)
     with pytest.raises(ValueError, match="keep_per_layer has 3 entries, the model has 2 layers"):
         run("--keep-per-layer", "4,4,4")
-    with pytest.raises(ValueError, match="pruned expert count 6 .* divisible by "
-                                         "expert_model_parallel_size 4"):
-        run("--keep", "6", "--ep", "4")
+    with pytest.raises(ValueError, match="expert_model_parallel_size must be >= 1, got 0"):
+        run("--keep", "6", "--ep", "0")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="has no records"):
