@@ -304,19 +304,23 @@ class EmoModel(EmoPreTrainedModel):
         )
 
 
-def load_balancing_loss(router_logits, num_experts_per_tok, num_shared_experts,
-                        attention_mask=None):
-    """Switch-style load-balancing loss over the routed (non-shared) experts, layer-averaged."""
+def load_balancing_loss(router_logits, num_experts_per_tok, num_shared_experts, token_mask=None):
+    """Switch-style load-balancing loss over the routed (non-shared) experts, layer-averaged.
+
+    ``token_mask`` (B, S) bool selects the tokens that count (``labels != -100``: padding and
+    prompt tokens whose labels are masked do not); None counts every token.
+    """
     losses = []
     for logits in router_logits:
         num_routed = logits.shape[-1] - num_shared_experts
         k = min(num_experts_per_tok, logits.shape[-1]) - num_shared_experts
         probs = logits[:, :num_routed].float().softmax(dim=-1)
         chosen = F.one_hot(probs.topk(k, dim=-1).indices, num_routed).sum(dim=1).float()
-        if attention_mask is not None:
-            m = attention_mask.reshape(-1, 1).to(probs.dtype)
-            frac = (chosen * m).sum(0) / (m.sum() * k)
-            mean_p = (probs * m).sum(0) / m.sum()
+        if token_mask is not None:
+            m = token_mask.reshape(-1, 1).to(device=probs.device, dtype=probs.dtype)
+            num = m.sum().clamp(min=1.0)
+            frac = (chosen * m).sum(0) / (num * k)
+            mean_p = (probs * m).sum(0) / num
         else:
             frac, mean_p = chosen.mean(0) / k, probs.mean(0)
         losses.append(num_routed * (frac * mean_p).sum())
@@ -358,8 +362,18 @@ class EmoForCausalLM(EmoPreTrainedModel, GenerationMixin):
         output_router_logits=None,
         cache_position=None,
         logits_to_keep=0,
+        num_items_in_batch=None,
         **kwargs,
     ):
+        """Causal-LM forward; with ``labels`` the loss is the token cross-entropy plus the
+        router load-balancing loss (``output_router_logits``).
+
+        ``num_items_in_batch`` (passed by ``transformers.Trainer``, which then does not divide
+        by the gradient-accumulation steps): the loss is the *sum* of token losses divided by
+        it, and the load-balancing term is weighted by this batch's share of those items, so
+        that accumulated micro-batches add up to the loss of the whole batch. Without it the
+        loss is the mean over tokens with ``labels != -100``.
+        """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -380,15 +394,25 @@ class EmoForCausalLM(EmoPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            token_mask = labels != -100
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+                aux_weight = 1.0
+            else:
+                loss = F.cross_entropy(
+                    shift_logits, shift_labels, ignore_index=-100, reduction="sum"
+                ) / num_items_in_batch
+                # Trainer counts items as labels != -100 (unshifted) over all micro-batches.
+                aux_weight = token_mask.sum() / num_items_in_batch
             if output_router_logits:
                 aux_loss = load_balancing_loss(
                     outputs.router_logits,
                     min(self.config.num_experts_per_tok, self.config.num_experts),
                     self.config.num_shared_experts,
-                    attention_mask,
+                    token_mask,
                 )
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                aux_term = self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + aux_term * aux_weight
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
