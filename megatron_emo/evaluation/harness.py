@@ -11,7 +11,6 @@ by the gold answer.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Sequence
 
 from megatron_emo.evaluation.local_tasks import LOCAL_GROUP, LOCAL_TASK_PREFIX, write_local_tasks
@@ -166,7 +165,6 @@ def task_calibration_texts(task_name: str, *, split: str = "validation",
     shots = task.config.num_fewshot if num_fewshot is None else num_fewshot
     shots = int(shots or 0)
     task.set_fewshot_seed(seed)
-    random.seed(seed)
     texts = []
     for i in subsample_indices(len(docs), num_examples, seed):
         doc = docs[i]

@@ -133,6 +133,20 @@ def build_domain_items(texts: Sequence[str], domain: str, *, num_test: int = 100
     return out
 
 
+def _write_if_changed(path: str, text: str) -> None:
+    """Writes ``text`` atomically, and only when the file differs: readers in other processes
+    never see a half-written file, and an unchanged file keeps its mtime (the datasets cache
+    of lm-eval's json loader stays valid)."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def local_task_names(domains: Sequence[str]) -> list[str]:
     """Task names of the domains (``emo_mc_<domain>``)."""
     return [LOCAL_TASK_PREFIX + d for d in domains]
@@ -199,19 +213,18 @@ def write_local_tasks(out_dir: str, *, domains: Sequence[str] | None = None,
         files = {}
         for split in SPLITS:
             path = os.path.join(out_dir, f"{domain}_{split}.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
-                for item in items[split]:
-                    f.write(json.dumps(item, ensure_ascii=True, sort_keys=True) + "\n")
+            _write_if_changed(path, "".join(json.dumps(item, ensure_ascii=True, sort_keys=True)
+                                            + "\n" for item in items[split]))
             files[split] = path
         name = LOCAL_TASK_PREFIX + domain
-        with open(os.path.join(out_dir, f"{name}.yaml"), "w") as f:
-            f.write(_task_yaml(name, files, num_fewshot))
+        _write_if_changed(os.path.join(out_dir, f"{name}.yaml"),
+                          _task_yaml(name, files, num_fewshot))
         names.append(name)
     group = {"group": LOCAL_GROUP, "task": names,
              "aggregate_metric_list": [
                  {"metric": m, "aggregation": "mean", "weight_by_size": True}
                  for m in ("acc", "acc_norm")],
              "metadata": {"version": 1.0}}
-    with open(os.path.join(out_dir, f"{LOCAL_GROUP}.yaml"), "w") as f:
-        f.write(json.dumps(group, indent=1) + "\n")
+    _write_if_changed(os.path.join(out_dir, f"{LOCAL_GROUP}.yaml"),
+                      json.dumps(group, indent=1) + "\n")
     return out_dir
