@@ -3,8 +3,8 @@
 Trains the quickstart model (``examples/00_quickstart_cpu.sh``) with ``--emo-routing emo`` and
 ``--emo-routing standard`` for each seed, anneals each standard model under EMO routing
 (``examples/06_emo_anneal.sh``; with ``--control`` also continues it as long under standard
-routing). Trained models are cached in ``--cache`` (a rerun only trains what is missing). Then for every
-model and domain of the embedded corpus (selection on one half of the domain's first
+routing). Trained models are cached in ``--cache`` (a rerun only trains what is missing). Then
+for every model and domain of the embedded corpus (selection on one half of the domain's first
 ``--max-docs`` documents, held-out loss on the other half; ``report.split_halves``):
 
 * held-out loss at 12.5 / 25 / 50% of the experts (shared included): own-domain subsets
