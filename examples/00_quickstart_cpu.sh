@@ -49,7 +49,7 @@ DATA_ARGS=(
 TRAINING_ARGS=(
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$TRAIN_ITERS"
     --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20
-    --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --seed 1234
+    --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --seed "${SEED:-1234}"
 )
 LOGGING_ARGS=(
     --save "$OUT/checkpoints" --save-interval "$TRAIN_ITERS" --ckpt-format torch_dist

@@ -60,13 +60,13 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def run_tool(main: Callable[[list[str] | None], int | None],
-             argv: list[str] | None = None) -> int:
+def run_tool(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
     """Runs a tool's ``main(argv)`` and turns its exceptions into an exit code.
 
     Args:
         main: the tool's entry function; it parses ``argv`` (without the program name) and
-            returns an exit code or None.
+            returns an exit code (an ``int``); any other return value (None, or a result the
+            tool also returns to Python callers) means success.
         argv: the arguments; ``sys.argv[1:]`` when None. ``--debug`` is removed before ``main``
             sees them.
 
@@ -100,4 +100,4 @@ def run_tool(main: Callable[[list[str] | None], int | None],
               "it does not check yet); please report it with the traceback above",
               file=sys.stderr, flush=True)
         return EXIT_BUG
-    return int(code or 0)
+    return code if isinstance(code, int) else 0

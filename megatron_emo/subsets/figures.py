@@ -128,10 +128,12 @@ def write_figures_and_html(report: dict, output_dir: str) -> list[str]:
     loss_rows = []
     for d in domains:
         loss = report["losses"][d]
+        with_random = [v for s in loss["subsets"] for v in (s["loss"], s.get("loss_random"))]
         loss_rows.append([d, report["documents"][d]["heldout_predicted_tokens"], loss["full_loss"]]
-                         + [s["loss"] for s in loss["subsets"]])
-    keep_hdr = [f"{f:g} (keep {report['losses'][domains[0]]['subsets'][i]['keep_per_layer'][0]})"
-                for i, f in enumerate(fr)]
+                         + ["-" if v is None else v for v in with_random])
+    keep_hdr = [f"{h} {f:g} (keep "
+                f"{report['losses'][domains[0]]['subsets'][i]['keep_per_layer'][0]})"
+                for i, f in enumerate(fr) for h in ("own", "random")]
     spec_rows = [[d] + report["specialisation"][d]
                  + [sum(report["specialisation"][d]) / report["num_layers"]] for d in domains]
     ov_rows = [[d] + report["overlap_jaccard_mean"][a] for a, d in enumerate(domains)]
@@ -149,7 +151,8 @@ def write_figures_and_html(report: dict, output_dir: str) -> list[str]:
         f"{src.get('max_docs_per_domain')}, max tokens per document {src.get('max_tokens')}</p>",
         "<h2>Subset quality: held-out next-token loss (nats)</h2>",
         "<p>Each domain's subset is selected on its selection half and evaluated on its held-out "
-        "half; keep counts include the shared expert(s).</p>",
+        "half; keep counts include the shared expert(s). The random columns average "
+        f"{report.get('num_random', 0)} random subsets of the same size (the baseline).</p>",
         _table(["domain", "tokens", "full"] + keep_hdr, loss_rows),
         "<img src='subset_loss.png'>",
         "<h2>Specialisation: routing mass in the domain's top 25% experts</h2>",

@@ -8,7 +8,9 @@ Per layer and domain (selection half): mean routed probability and top-k hit sha
 specialisation (routing mass in the domain's top 25% experts) and the Jaccard overlap of those
 top-25% sets between domains. Subset quality: held-out next-token loss of each domain with its own
 subset (selected on its selection half) at each fraction of experts, against the full model; the
-subset is applied by gate masking (``pruning.mask_experts``, equal to the pruned model).
+subset is applied by gate masking (``pruning.mask_experts``, equal to the pruned model). The
+baseline column: the mean held-out loss of ``num_random`` random subsets of the same size
+(``selection.random_scores`` with seeds ``random_seed + r``).
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import torch
 
 from megatron_emo.subsets.pruning import mask_experts
 from megatron_emo.subsets.scoring import RoutingStats, moe_blocks, next_token_loss, routing_stats
-from megatron_emo.subsets.selection import Method, select_experts, select_from_scores
+from megatron_emo.subsets.selection import (Method, random_scores, select_experts,
+                                            select_from_scores)
 
-__all__ = ["DEFAULT_FRACTIONS", "build_modularity_report", "domain_subset_losses",
+__all__ = ["DEFAULT_FRACTIONS", "NUM_RANDOM", "build_modularity_report", "domain_subset_losses",
            "fraction_keep", "load_domain_corpus", "modularity_report", "split_halves",
            "top_share_set"]
 
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.5)
 TOP_SHARE = 0.25
+NUM_RANDOM = 3
 
 
 def load_domain_corpus(prefix: str, *, max_docs_per_domain: int | None = None,
@@ -106,8 +110,10 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
                          heldout_docs: Sequence[Sequence[int]],
                          fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
                          method: Method = "global", batch_size: int = 8,
-                         stats: RoutingStats | None = None) -> dict:
-    """Held-out loss of the full model and of subsets selected on ``selection_docs``.
+                         stats: RoutingStats | None = None, num_random: int = NUM_RANDOM,
+                         random_seed: int = 0) -> dict:
+    """Held-out loss of the full model, of subsets selected on ``selection_docs`` and of random
+    subsets of the same sizes.
 
     Args:
         model: an ``EmoForCausalLM``.
@@ -117,10 +123,13 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
         method: selection method; ``global`` reuses one scoring pass for every fraction.
         batch_size: sequences per forward.
         stats: routing statistics of ``selection_docs`` already computed (``global`` only).
+        num_random: random subsets per fraction (0: no baseline).
+        random_seed: seed of the first random subset.
 
     Returns:
         ``{"full_loss", "num_tokens", "subsets": [{"fraction", "keep_per_layer", "loss",
-        "experts_kept_per_layer"}]}``.
+        "experts_kept_per_layer", "loss_random", "losses_random"}]}``; ``loss_random`` is the
+        mean of ``losses_random`` (None without random subsets).
     """
     blocks = moe_blocks(model)
     num_shared = model.config.num_shared_experts
@@ -138,8 +147,18 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
                                   batch_size=batch_size).experts_kept_per_layer
         with mask_experts(model, kept):
             loss, _ = next_token_loss(model, heldout_docs, batch_size=batch_size)
+        random_losses = []
+        for r in range(num_random):
+            scores = random_scores([b.num_experts - num_shared for b in blocks], random_seed + r)
+            rand_kept = [select_from_scores(sc, k, b.num_experts, num_shared)
+                         for sc, k, b in zip(scores, keeps, blocks)]
+            with mask_experts(model, rand_kept):
+                random_losses.append(next_token_loss(model, heldout_docs,
+                                                     batch_size=batch_size)[0])
         subsets.append({"fraction": f, "keep_per_layer": keeps, "loss": loss,
-                        "experts_kept_per_layer": kept})
+                        "experts_kept_per_layer": kept, "losses_random": random_losses,
+                        "loss_random": (sum(random_losses) / len(random_losses)
+                                        if random_losses else None)})
     return {"full_loss": full, "num_tokens": n_tok, "subsets": subsets}
 
 
@@ -151,6 +170,7 @@ def _jaccard(a: Sequence[int], b: Sequence[int]) -> float:
 def modularity_report(model, corpus: dict[str, list[list[int]]], output_dir: str, *,
                       fractions: Sequence[float] = DEFAULT_FRACTIONS, method: Method = "global",
                       batch_size: int = 8, info: dict | None = None,
+                      num_random: int = NUM_RANDOM,
                       log: Callable[[str], None] = print) -> dict:
     """Computes the report numbers, writes ``report.json``, the PNG figures and ``report.html``.
 
@@ -162,6 +182,7 @@ def modularity_report(model, corpus: dict[str, list[list[int]]], output_dir: str
         method: selection method for the subsets.
         batch_size: sequences per forward.
         info: extra provenance stored under ``"source"``.
+        num_random: random subsets per fraction for the baseline column.
         log: progress messages.
 
     Returns:
@@ -196,7 +217,8 @@ def modularity_report(model, corpus: dict[str, list[list[int]]], output_dir: str
                              for i in range(num_layers)]
         losses[d] = domain_subset_losses(model, sel_docs, held, fractions, method=method,
                                          batch_size=batch_size,
-                                         stats=stats if method == "global" else None)
+                                         stats=stats if method == "global" else None,
+                                         num_random=num_random)
         docs_info[d] = {"selection_documents": len(sel_docs), "heldout_documents": len(held),
                         "selection_tokens": stats.num_tokens,
                         "heldout_predicted_tokens": losses[d]["num_tokens"]}
@@ -212,6 +234,7 @@ def modularity_report(model, corpus: dict[str, list[list[int]]], output_dir: str
         "routed_top_k_per_layer": [b.top_k - b.num_shared_experts for b in blocks],
         "method": method,
         "fractions": list(fractions),
+        "num_random": num_random,
         "top_share": TOP_SHARE,
         "usage_mean_prob": usage_prob,
         "usage_topk_share": usage_hits,
@@ -236,7 +259,7 @@ def build_modularity_report(checkpoint: str, data_prefix: str, output_dir: str, 
                             fractions: Sequence[float] = DEFAULT_FRACTIONS,
                             method: Method = "global", batch_size: int = 8,
                             tokenizer: str | None = None, device: str = "cpu",
-                            dtype: str = "float32",
+                            dtype: str = "float32", num_random: int = NUM_RANDOM,
                             log: Callable[[str], None] = print) -> dict:
     """Checkpoint (HF or Megatron) + corpus prefix -> ``output_dir/report.{html,json}``.
 
@@ -266,6 +289,7 @@ def build_modularity_report(checkpoint: str, data_prefix: str, output_dir: str, 
             data_prefix), max_docs_per_domain=max_docs_per_domain, max_tokens=max_tokens)
         model = load_hf_model(hf_dir, dtype, device)
         return modularity_report(model, corpus, output_dir, fractions=fractions, method=method,
-                                 batch_size=batch_size, info=info, log=log)
+                                 batch_size=batch_size, info=info, num_random=num_random,
+                                 log=log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RoutingStats", "moe_blocks", "next_token_loss", "padded_batches", "routed_probs",
-           "routing_stats"]
+__all__ = ["RoutingStats", "easy_ep_scores", "moe_blocks", "next_token_loss", "padded_batches",
+           "routed_probs", "routing_stats"]
 
 
 def moe_blocks(model) -> list:
@@ -135,6 +135,62 @@ def routing_stats(model, sequences: Sequence[Sequence[int]], *,
         for h in handles:
             h.remove()
     return RoutingStats(prob_sum, hit_count, num_tokens, k_routed)
+
+
+@torch.no_grad()
+def easy_ep_scores(model, sequences: Sequence[Sequence[int]], *, batch_size: int = 8
+                   ) -> tuple[list[torch.Tensor], int]:
+    """EASY-EP expert scores (arXiv 2504.06792; emo_spec.md 5.2), one forward, unpruned model.
+
+    Per layer and routed expert e: ``sum_t g_te * ||E_e(x_t)|| * s_t / T`` over the non-pad
+    tokens t that route to e (e in the token's routed top-k), where ``x_t`` is the MoE block's
+    input (the normed hidden state), ``g_te`` the routed weight (softmax over the routed experts,
+    as the HF routing), ``E_e(x_t)`` the expert's unweighted output and ``s_t = max(0, 1 -
+    cos(x_t, x_t + MoE(x_t)))`` how much the whole MoE block changes the token.
+
+    Returns:
+        ``([scores (R_l,) float64 per layer], number of tokens)``.
+    """
+    blocks = moe_blocks(model)
+    scores: list[torch.Tensor] = [
+        torch.zeros(b.num_experts - b.num_shared_experts, dtype=torch.float64) for b in blocks]
+    valid = {}
+
+    def make_hook(i: int):
+        block = blocks[i]
+        num_routed = block.num_experts - block.num_shared_experts
+        k_routed = block.top_k - block.num_shared_experts
+
+        def hook(module, inputs, output):
+            x_TH = inputs[0].reshape(-1, inputs[0].shape[-1])
+            moe_out_TH = output[0].reshape(x_TH.shape)
+            keep_T = valid["mask"].bool()
+            x_TH, moe_out_TH, logits_TE = x_TH[keep_T], moe_out_TH[keep_T], output[1][keep_T]
+            s_T = (1 - F.cosine_similarity(x_TH.float(), (x_TH + moe_out_TH).float(), dim=-1)
+                   ).clamp(min=0)
+            weights_TK, ids_TK = routed_probs(logits_TE, block.num_shared_experts).topk(
+                k_routed, dim=-1)
+            for e in range(num_routed):
+                tok, slot = (ids_TK == e).nonzero(as_tuple=True)
+                if tok.numel() == 0:
+                    continue
+                norm_t = block.experts[e](x_TH[tok]).float().norm(dim=-1)
+                scores[i][e] += float((weights_TK[tok, slot] * norm_t * s_T[tok]).sum())
+        return hook
+
+    handles = [b.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
+    device = model.lm_head.weight.device
+    num_tokens = 0
+    try:
+        for ids, mask in padded_batches(sequences, batch_size):
+            valid["mask"] = mask.reshape(-1).to(device)
+            num_tokens += int(mask.sum())
+            model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / max(num_tokens, 1) for s in scores], num_tokens
 
 
 @torch.no_grad()

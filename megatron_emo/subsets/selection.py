@@ -1,10 +1,17 @@
-"""Expert-subset selection for a task (emo_spec.md 5.1 greedy layerwise, 5.2 global).
+"""Expert-subset selection for a task (emo_spec.md 5.1 greedy layerwise, 5.2 the others).
 
-Per layer the routed experts are ranked by their mean routing probability over the calibration
-tokens (softmax over routed experts only); the top ``keep_k - S`` routed experts plus all ``S``
-shared experts are kept. Ties go to the lower expert index. ``global`` scores every layer in one
-pass through the unpruned model; ``greedy-layerwise`` scores layer l with layers < l already
-reduced to their subsets (applied by gate masking, which computes the same as pruning).
+Every method scores the routed experts of each layer and keeps the top ``keep_k - S`` of them plus
+all ``S`` shared experts; ties go to the lower expert index. The scores:
+
+* ``global``: mean routing probability over the calibration tokens (softmax over the routed
+  experts only), one pass through the unpruned model.
+* ``greedy-layerwise`` (default, the paper's): the same score for layer l computed with layers
+  < l already reduced to their subsets (gate masking, which computes the same as pruning). With
+  ``keep_per_layer`` this is the reference's ``layerwise_variable``.
+* ``easy-ep`` (arXiv 2504.06792): gate weight x expert-output norm x (1 - cos(x, x + MoE(x)))
+  summed over the tokens routed to the expert, one forward (``scoring.easy_ep_scores``).
+* ``random``: uniform random scores (``torch.Generator().manual_seed(seed)``, layers in order);
+  the examples are not used. The baseline every table needs.
 """
 
 from __future__ import annotations
@@ -17,13 +24,13 @@ from typing import Literal
 import torch
 
 from megatron_emo.subsets.pruning import mask_experts
-from megatron_emo.subsets.scoring import moe_blocks, routing_stats
+from megatron_emo.subsets.scoring import easy_ep_scores, moe_blocks, routing_stats
 
-__all__ = ["METHODS", "Selection", "resolve_keep", "select_experts", "select_from_scores",
-           "top_experts"]
+__all__ = ["METHODS", "Selection", "random_scores", "resolve_keep", "select_experts",
+           "select_from_scores", "top_experts"]
 
-Method = Literal["global", "greedy-layerwise"]
-METHODS = ("global", "greedy-layerwise")
+Method = Literal["global", "greedy-layerwise", "easy-ep", "random"]
+METHODS = ("global", "greedy-layerwise", "easy-ep", "random")
 
 
 @dataclass
@@ -102,10 +109,17 @@ def select_from_scores(scores_R: torch.Tensor, keep_k: int, num_experts: int,
     return routed + list(range(num_experts - num_shared_experts, num_experts))
 
 
+def random_scores(num_routed_per_layer: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """Uniform random scores ``(R_l,)`` per layer for ``method="random"``: one generator seeded
+    with ``seed`` draws the layers in order."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(r, generator=gen, dtype=torch.float64) for r in num_routed_per_layer]
+
+
 def select_experts(model, examples: Sequence[Sequence[int]], keep: int | None = None, *,
                    method: Method = "greedy-layerwise",
                    keep_per_layer: Sequence[int] | None = None, batch_size: int = 8,
-                   examples_sha256: str | None = None,
+                   seed: int = 0, examples_sha256: str | None = None,
                    source_checkpoint: str | None = None) -> Selection:
     """Selects the experts to keep in every layer from calibration examples.
 
@@ -113,17 +127,21 @@ def select_experts(model, examples: Sequence[Sequence[int]], keep: int | None = 
         model: an ``EmoForCausalLM`` or an EMO HF directory (loaded in fp32).
         examples: token-id lists (at least one).
         keep: experts kept per layer, the shared expert(s) included (``keep_k``).
-        method: ``global`` (one pass, unpruned model) or ``greedy-layerwise`` (spec 5.1).
+        method: ``global``, ``greedy-layerwise`` (spec 5.1), ``easy-ep`` or ``random`` (see
+            the module docstring).
         keep_per_layer: a keep count per layer instead of ``keep``.
         batch_size: sequences per forward.
+        seed: the ``random`` method's seed (recorded in ``extra``).
         examples_sha256: provenance recorded in the result.
         source_checkpoint: provenance recorded in the result.
 
     Returns:
-        The selection, with the mean routed probability of every routed expert per layer.
+        The selection, with every routed expert's score per layer (mean routed probability for
+        ``global`` / ``greedy-layerwise``).
 
     Raises:
-        ValueError: bad keep counts, unknown method, no examples, not an EMO model.
+        ValueError: bad keep counts, unknown method, no examples (``random`` needs none), not an
+            EMO model.
     """
     if isinstance(model, str):
         from megatron_emo.subsets.sources import load_hf_model
@@ -132,8 +150,8 @@ def select_experts(model, examples: Sequence[Sequence[int]], keep: int | None = 
         model = load_hf_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if len(examples) == 0:
-        raise ValueError("select_experts needs at least one example")
+    if len(examples) == 0 and method != "random":
+        raise ValueError(f"select_experts method {method!r} needs at least one example")
     blocks = moe_blocks(model)
     counts = [b.num_experts for b in blocks]
     num_shared = model.config.num_shared_experts
@@ -141,7 +159,18 @@ def select_experts(model, examples: Sequence[Sequence[int]], keep: int | None = 
     kept: list[list[int]] = []
     scores: list[list[float]] = []
     num_tokens = 0
-    if method == "global":
+    if method == "random":
+        num_tokens = sum(len(e) for e in examples)
+        layer_scores = random_scores([n - num_shared for n in counts], seed)
+        for layer, (block, s) in enumerate(zip(blocks, layer_scores)):
+            scores.append(s.tolist())
+            kept.append(select_from_scores(s, keeps[layer], block.num_experts, num_shared))
+    elif method == "easy-ep":
+        layer_scores, num_tokens = easy_ep_scores(model, examples, batch_size=batch_size)
+        for layer, (block, s) in enumerate(zip(blocks, layer_scores)):
+            scores.append(s.tolist())
+            kept.append(select_from_scores(s, keeps[layer], block.num_experts, num_shared))
+    elif method == "global":
         stats = routing_stats(model, examples, batch_size=batch_size)
         num_tokens = stats.num_tokens
         for layer, block in enumerate(blocks):
@@ -161,5 +190,6 @@ def select_experts(model, examples: Sequence[Sequence[int]], keep: int | None = 
         scores_per_layer=scores, num_experts_per_layer=counts, num_shared_experts=num_shared,
         num_examples=len(examples), num_tokens=num_tokens, examples_sha256=examples_sha256,
         source_checkpoint=source_checkpoint,
-        extra={"num_experts_per_tok": min(model.config.num_experts_per_tok, max(keeps))},
+        extra={"num_experts_per_tok": min(model.config.num_experts_per_tok, max(keeps)),
+               **({"seed": seed} if method == "random" else {})},
     )

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Examples", "is_megatron_checkpoint", "load_examples", "load_hf_model",
-           "read_emo_config", "resolve_hf_dir"]
+__all__ = ["Examples", "examples_from_texts", "is_megatron_checkpoint", "load_examples",
+           "load_hf_model", "load_tokenizer", "read_emo_config", "resolve_hf_dir",
+           "subsample_indices"]
 
 
 def is_megatron_checkpoint(path: str) -> bool:
@@ -117,11 +118,84 @@ def _has_tokenizer(hf_dir: str) -> bool:
                for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def load_examples(path: str, hf_dir: str, *, max_length: int | None = None) -> Examples:
+def load_tokenizer(path: str):
+    """An HF tokenizer from an HF directory or a sentencepiece ``.model`` file.
+
+    A directory with ``tokenizer.json`` / ``tokenizer_config.json`` loads with ``AutoTokenizer``.
+    A bare sentencepiece model (``tools/train_tokenizer.py``, copied by ``to-hf --tokenizer
+    X.model`` as ``tokenizer.model``) loads as the slow ``LlamaTokenizer`` in legacy mode without
+    BOS/EOS, which encodes exactly as ``SentencePieceProcessor.encode`` (Megatron's
+    ``SentencePieceTokenizer``); the fast converter does not (it rewrites whitespace).
+
+    Raises:
+        ValueError: ``path`` holds no tokenizer.
+    """
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    if os.path.isfile(path):
+        if not path.endswith(".model"):
+            raise ValueError(f"tokenizer file {path} is not a sentencepiece .model file")
+        spm_file = path
+    elif not os.path.isdir(path):
+        raise ValueError(f"tokenizer {path} is neither a directory nor a sentencepiece .model")
+    elif any(os.path.isfile(os.path.join(path, f))
+             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return AutoTokenizer.from_pretrained(path)
+    elif os.path.isfile(os.path.join(path, "tokenizer.model")):
+        spm_file = os.path.join(path, "tokenizer.model")
+    else:
+        raise ValueError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                         f"tokenizer.model); export with --tokenizer or pass a tokenizer")
+    return LlamaTokenizer(spm_file, legacy=True, add_bos_token=False, add_eos_token=False)
+
+
+def subsample_indices(num_items: int, num_examples: int | None, seed: int) -> list[int]:
+    """``num_examples`` of ``range(num_items)`` (ascending), chosen by a seeded permutation.
+
+    ``torch.randperm`` with ``torch.Generator().manual_seed(seed)`` as the reference's selection
+    scripts; None or a count >= ``num_items`` keeps everything.
+
+    Raises:
+        ValueError: ``num_examples`` below 1.
+    """
+    if num_examples is None or num_examples >= num_items:
+        return list(range(num_items))
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be at least 1, got {num_examples}")
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+    return sorted(int(i) for i in perm[:num_examples])
+
+
+def examples_from_texts(texts: list[str], tokenizer, *, vocab_size: int, max_length: int,
+                        source: str) -> Examples:
+    """Tokenises calibration texts (no special tokens) into ``Examples``.
+
+    Raises:
+        ValueError: no texts, an empty tokenisation, ids outside the vocabulary.
+    """
+    if not texts:
+        raise ValueError(f"{source} gives no calibration texts (need at least 1)")
+    sequences = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"{source} text {i} has no tokens: {text[:60]!r}")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{source} text {i}: token ids {bad[:5]} outside the vocabulary "
+                             f"[0, {vocab_size})")
+        sequences.append(ids[:max_length])
+    sha = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
+    return Examples(sequences, sha, source)
+
+
+def load_examples(path: str, hf_dir: str, *, max_length: int | None = None,
+                  tokenizer: str | None = None) -> Examples:
     """Reads a JSONL file of ``{"text": ...}`` or ``{"tokens": [...]}`` records.
 
-    ``text`` is tokenised with the tokenizer stored in ``hf_dir``. Sequences are truncated to
-    ``max_length`` (default: the model's ``max_position_embeddings``).
+    ``text`` is tokenised with ``tokenizer`` (an HF directory or sentencepiece ``.model``) or
+    else the tokenizer stored in ``hf_dir``. Sequences are truncated to ``max_length`` (default:
+    the model's ``max_position_embeddings``).
 
     Raises:
         ValueError: empty file, a record with neither field, text without a tokenizer, token ids
@@ -132,6 +206,7 @@ def load_examples(path: str, hf_dir: str, *, max_length: int | None = None) -> E
     vocab = cfg["vocab_size"]
     raw = open(path, "rb").read()
     sha = hashlib.sha256(raw).hexdigest()
+    tokenizer_path = tokenizer
     tokenizer = None
     sequences = []
     for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
@@ -145,14 +220,12 @@ def load_examples(path: str, hf_dir: str, *, max_length: int | None = None) -> E
             ids = [int(t) for t in rec["tokens"]]
         elif isinstance(rec, dict) and "text" in rec:
             if tokenizer is None:
-                if not _has_tokenizer(hf_dir):
+                if tokenizer_path is None and not _has_tokenizer(hf_dir):
                     raise ValueError(
                         f"{path} line {lineno} has 'text' but the checkpoint {hf_dir} has no "
                         f"tokenizer files (tokenizer.json / tokenizer.model); pass pre-tokenised "
                         f"'tokens' lists or export with --tokenizer")
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+                tokenizer = load_tokenizer(tokenizer_path or hf_dir)
             ids = tokenizer(rec["text"])["input_ids"]
         else:
             raise ValueError(f"{path} line {lineno} has neither 'text' nor 'tokens'")

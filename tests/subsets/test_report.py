@@ -4,7 +4,9 @@ The corpus is a Megatron IndexedDataset built with ``IndexedDatasetBuilder`` plu
 ``.metadata.jsonl`` sidecar. Checks: the PNG/HTML/JSON files are written; usage shares are
 distributions, specialisation and overlaps lie in [0, 1]; the full-model held-out loss equals a
 direct ``EmoForCausalLM(labels=...)`` computation; each subset loss (gate masking) equals the loss
-of the physically pruned model; bad corpora and fractions are refused.
+of the physically pruned model; the random-subset baseline column is the mean loss of the 3
+seeded random subsets of the same size (computed here by hand); bad corpora and fractions are
+refused.
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest tests/subsets/test_report.py -q``
 """
@@ -75,6 +77,7 @@ def test_report_end_to_end(tmp_path, tiny_hf_dir):
         assert os.path.getsize(out / name) > 100, name
     html = (out / "report.html").read_text()
     assert "<img src='usage_mean_prob.png'>" in html and "held-out next-token loss" in html
+    assert "<th>random 0.25 (keep 2)</th>" in html
     rep = json.load(open(out / "report.json"))
     assert rep["domains"] == ["code", "math", "web"]
     assert rep["source"]["documents_without_domain"] == 1
@@ -103,6 +106,16 @@ def test_report_end_to_end(tmp_path, tiny_hf_dir):
             pruned = prune_hf_model(copy.deepcopy(model), s["experts_kept_per_layer"])
             assert abs(s["loss"] - _direct_loss(pruned, held)) < 1e-5
             assert all(k[-1] == 7 for k in s["experts_kept_per_layer"])
+            random_losses = []
+            for seed in range(3):  # the baseline: seeds 0, 1, 2 of the random method
+                gen = torch.Generator().manual_seed(seed)
+                kept = [sorted(torch.rand(7, generator=gen, dtype=torch.float64)
+                               .argsort(descending=True)[:k - 1].tolist()) + [7]
+                        for k in s["keep_per_layer"]]
+                random_losses.append(_direct_loss(prune_hf_model(copy.deepcopy(model), kept),
+                                                  held))
+            assert s["losses_random"] == pytest.approx(random_losses, abs=1e-5)
+            assert s["loss_random"] == pytest.approx(sum(random_losses) / 3, abs=1e-5)
 
 
 def test_greedy_report_and_bad_corpora(tmp_path, tiny_hf_dir):

@@ -59,6 +59,13 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "build_sample_corpus-output-is-a-file": (
             ["build_sample_corpus.py", str(ex), "--domains", "math"],
             f"error: [Errno 17] File exists: {str(ex)!r}"),
+        "evaluate-not-a-checkpoint": (
+            ["evaluate.py", str(not_ckpt), "--tasks", "emo_mc_math"],
+            f"error: {not_ckpt} is neither an EMO HF directory (config.json) nor a Megatron "
+            "torch_dist checkpoint (latest_checkpointed_iteration.txt or metadata.json)"),
+        "finetune_subset-megatron-flags-not-hf": (
+            ["finetune_subset.py", "megatron-flags", str(not_ckpt)],
+            f"error: {not_ckpt} has no config.json: not a Hugging Face model directory"),
     }
 
 
