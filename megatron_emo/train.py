@@ -44,6 +44,8 @@ def _init_cpu_distributed(args) -> None:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         seed=args.seed,
     )
 
@@ -74,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         # Megatron's validate_args asks the GPU's compute capability for --moe-grouped-gemm
         # (arguments.py:1339); a dry run on a login node checks against a Hopper-class target.
         torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    if "--cpu" in sys.argv:
+        # Megatron's argument validation already asks CUDA questions (arguments.py:1414).
+        from megatron_emo.mcore.cpu_backend import enable_cpu_training
+
+        enable_cpu_training()
     args = parse_and_validate_args(extra_args_provider=add_emo_args)
     # A dry run checks the flags for the target machine, which may have TE where this one has not.
     te_available = _transformer_engine_importable()
