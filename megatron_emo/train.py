@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_emo.training.arguments import add_emo_args, validate_emo_args
-    from megatron_emo.training.compat import use_prebuilt_dataset_helpers
+    from megatron_emo.training.compat import (
+        load_optimizer_state_across_expert_layouts,
+        use_prebuilt_dataset_helpers,
+    )
     from megatron_emo.training.model_provider import emo_config_from_args, model_provider
     from megatron_emo.training.step import (
         flush_routing_metrics,
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     use_prebuilt_dataset_helpers()
+    load_optimizer_state_across_expert_layouts()
     if args.cpu:
         _init_cpu_distributed(args)
 
