@@ -126,13 +126,21 @@ def main(argv: list[str] | None = None) -> None:
         # We pass a model provider on purpose (the EMO spec and CPU classes need it).
         warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
         cfg = pretrain_cfg_container_from_args(args)
-    pretrain(
-        cfg,
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=provider,
-    )
+    try:
+        pretrain(
+            cfg,
+            train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            model_provider=provider,
+        )
+    except SystemExit as stop:
+        # Megatron's early exits (--exit-interval, --exit-duration-in-mins, the signal handler
+        # of a job at its time limit) leave pretrain() through sys.exit (training.py:4155),
+        # every rank at the same iteration: report the last logging step's diagnostics first.
+        if stop.code in (None, 0):
+            flush_routing_metrics(built_models)
+        raise
     flush_routing_metrics(built_models)  # the last logging step's diagnostics
 
 
