@@ -46,6 +46,8 @@ def _init_cpu_distributed(args) -> None:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         seed=args.seed,
     )
 
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from megatron_emo.training.arguments import add_emo_args, validate_emo_args
     from megatron_emo.training.compat import (
+        load_optimizer_state_across_expert_layouts,
         reset_log_sums_on_window_end,
         use_prebuilt_dataset_helpers,
     )
@@ -81,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
         # Megatron's validate_args asks the GPU's compute capability for --moe-grouped-gemm
         # (arguments.py:1339); a dry run on a login node checks against a Hopper-class target.
         torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    if "--cpu" in sys.argv:
+        # Megatron's argument validation already asks CUDA questions (arguments.py:1414).
+        from megatron_emo.mcore.cpu_backend import enable_cpu_training
+
+        enable_cpu_training()
     args = parse_and_validate_args(extra_args_provider=add_emo_args)
     # A dry run checks the flags for the target machine, which may have TE where this one has not.
     te_available = _transformer_engine_importable()
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     use_prebuilt_dataset_helpers()
+    load_optimizer_state_across_expert_layouts()
     reset_log_sums_on_window_end()  # resumed runs log the same losses as uninterrupted ones
     if args.cpu:
         _init_cpu_distributed(args)
@@ -125,13 +134,21 @@ def main(argv: list[str] | None = None) -> None:
         # We pass a model provider on purpose (the EMO spec and CPU classes need it).
         warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
         cfg = pretrain_cfg_container_from_args(args)
-    pretrain(
-        cfg,
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=provider,
-    )
+    try:
+        pretrain(
+            cfg,
+            train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            model_provider=provider,
+        )
+    except SystemExit as stop:
+        # Megatron's early exits (--exit-interval, --exit-duration-in-mins, the signal handler
+        # of a job at its time limit) leave pretrain() through sys.exit (training.py:4155),
+        # every rank at the same iteration: report the last logging step's diagnostics first.
+        if stop.code in (None, 0):
+            flush_routing_metrics(built_models)
+        raise
     flush_routing_metrics(built_models)  # the last logging step's diagnostics
 
 

@@ -100,7 +100,7 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--cpu", action="store_true", dest="cpu",
         help="Run on CPU with gloo (smoke runs, debugging); needs --transformer-impl local, "
-        "--clip-grad 0, fp32 and no distributed optimizer.",
+        "--clip-grad 0 and fp32.",
     )
     escape_bare_percent_in_help(parser)  # megatron-core 0.19.2's own --help crashes otherwise
     return parser
@@ -131,8 +131,6 @@ def validate_emo_args(args: argparse.Namespace, *, te_available: bool) -> None:
                 f"--clip-grad {args.clip_grad} (pass --clip-grad 0: megatron's clip_grads.py:174 "
                 "accepts CUDA tensors only)"
             )
-        if args.use_distributed_optimizer:
-            problems.append("--use-distributed-optimizer (distrib_optimizer.py:477 is CUDA-only)")
         if args.bf16 or args.fp16:
             problems.append("--bf16/--fp16 (the mixed-precision optimizer is CUDA-only)")
         if getattr(args, "fp8", None):

@@ -17,8 +17,19 @@
   ``load_balancing_loss``, ``z_loss`` average one window too many (TensorBoard is unaffected:
   it gets each step's own ``loss_dict`` and MoE-tracker values). ``reset_log_sums_on_window_end``
   passes ``is_first_iteration=False`` on a window end, so that step resets like any other.
+* Resuming a distributed-optimizer checkpoint saved in a fully reshardable format at EP=1 with
+  EP > 1 (or the reverse) fails with ``RuntimeError: Expected 2 entries in state dict, but got
+  4`` (``core/optimizer/optimizer.py:1577-1581``): at EP=1 (expert TP = TP) the expert weights
+  are ordinary parameters and Megatron builds one ``DistributedOptimizer``, at EP > 1 a second
+  one for the expert parameters (``optimizer/__init__.py:1143-1186``), and the loaded state
+  keeps the saved nesting. The optimizer tensors themselves are stored in model space under
+  the parameters' names (``distrib_optimizer.py:1813``) and load into either nesting;
+  ``load_optimizer_state_across_expert_layouts`` regroups the common part (hyperparameters and
+  ``step``) for the new chain.
 
 Megatron symbols: ``core.datasets.utils.compile_helpers``, ``core.datasets.helpers_cpp``,
+``core.optimizer.optimizer.ChainedOptimizer``, ``core.optimizer.distrib_optimizer.
+DistributedOptimizer.checkpoint_fully_reshardable_formats``,
 ``training.training.training_log``, ``training.global_vars.get_args``.
 """
 
@@ -29,9 +40,11 @@ import functools
 import importlib
 import inspect
 import re
+from typing import Any
 
 __all__ = [
     "escape_bare_percent_in_help",
+    "load_optimizer_state_across_expert_layouts",
     "reset_log_sums_on_window_end",
     "use_prebuilt_dataset_helpers",
 ]
@@ -91,3 +104,77 @@ def reset_log_sums_on_window_end() -> bool:
     training_log._emo_resets_on_window_end = True
     training.training_log = training_log
     return True
+def _expert_flag(optimizer) -> bool:
+    flags = {bool(g.get("is_expert_parallel", False)) for g in optimizer.optimizer.param_groups}
+    if len(flags) != 1:
+        raise ValueError(f"an optimizer of the chain mixes expert and dense groups ({flags})")
+    return flags.pop()
+
+
+def _common_part(state: dict) -> dict:
+    """A distributed optimizer's state without its tensors (``param_state``) or nested chains."""
+    return {k: v for k, v in state.items() if k != "param_state" and not isinstance(k, int)}
+
+
+def _relabelled(common: dict, is_expert_parallel: bool) -> dict:
+    groups = [
+        dict(g, is_expert_parallel=is_expert_parallel) for g in common["optimizer"]["param_groups"]
+    ]
+    return dict(common, optimizer=dict(common["optimizer"], param_groups=groups))
+
+
+def _regroup_model_space_state(chain, state_dict: dict) -> list[dict] | None:
+    """Per-optimizer states for ``chain`` from a fully reshardable state saved with another
+    number of chained optimizers (EP = 1 <-> EP > 1), or None when the nesting already fits."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    optimizers = chain.chained_optimizers
+    nested = sorted(k for k in state_dict if isinstance(k, int))
+    formats = DistributedOptimizer.checkpoint_fully_reshardable_formats
+    if not all(isinstance(o, DistributedOptimizer) for o in optimizers):
+        return None
+    if len(optimizers) > 1 and "optimizer" in state_dict and nested == list(range(len(optimizers))):
+        # Saved with one optimizer: its common part serves every optimizer of the new chain.
+        if state_dict.get("param_state_sharding_type") not in formats:
+            return None
+        common = _common_part(state_dict)
+        return [
+            dict(_relabelled(common, _expert_flag(o)), param_state=state_dict[i]["param_state"])
+            for i, o in enumerate(optimizers)
+        ]
+    if len(optimizers) == 1 and "optimizer" not in state_dict and len(nested) > 1:
+        # Saved with a chain; loading into one optimizer: every saved group, as dense groups.
+        saved = [_common_part(state_dict[i]) for i in nested]
+        if any(c.get("param_state_sharding_type") not in formats for c in saved):
+            return None
+        flag = _expert_flag(optimizers[0])
+        groups = [g for c in saved for g in _relabelled(c, flag)["optimizer"]["param_groups"]]
+        common = dict(saved[0], optimizer=dict(saved[0]["optimizer"], param_groups=groups))
+        return [dict(common, param_state=state_dict["param_state"])]
+    return None
+
+
+def load_optimizer_state_across_expert_layouts() -> None:
+    """Lets ``ChainedOptimizer.load_state_dict`` load a fully reshardable distributed-optimizer
+    state saved with another number of chained optimizers (EP = 1 <-> EP > 1). Idempotent;
+    every other state goes to Megatron's method unchanged.
+    """
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    original = ChainedOptimizer.load_state_dict
+    if getattr(original, "emo_regroups_model_space_state", False):
+        return
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        regrouped = None
+        if isinstance(state_dict, dict):
+            regrouped = _regroup_model_space_state(self, state_dict)
+        if regrouped is None:
+            return original(self, state_dict)
+        for optimizer, state in zip(self.chained_optimizers, regrouped, strict=True):
+            optimizer.load_state_dict(state)
+        if len(self.chained_optimizers) > 1:
+            self._synchronize_steps()
+
+    load_state_dict.emo_regroups_model_space_state = True
+    ChainedOptimizer.load_state_dict = load_state_dict

@@ -47,6 +47,10 @@ def model_provider(
     if config is None:
         config = emo_config_from_args(args)
     spec = get_emo_layer_spec(config, vp_stage=vp_stage)
+    if args.cpu:
+        from megatron_emo.mcore.cpu_backend import adapt_spec_for_cpu
+
+        spec = adapt_spec_for_cpu(spec)  # norms that support sequence parallelism
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -131,6 +131,14 @@ class _MetricsSchedule:
     def __init__(self) -> None:
         self.pending_iteration: int | None = None
         self.stage_writer = None
+        # Every model chunk that ran a forward on this rank: with virtual pipeline stages the
+        # forward step sees one chunk at a time, but a report covers all of them.
+        self.model_chunks: list[torch.nn.Module] = []
+
+    def remember(self, chunk: torch.nn.Module) -> None:
+        """Adds a model chunk (by identity) to the chunks this rank reports."""
+        if not any(chunk is seen for seen in self.model_chunks):
+            self.model_chunks.append(chunk)
 
 
 _SCHEDULE = _MetricsSchedule()
@@ -194,8 +202,10 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     logging_step = args.emo_log_routing_metrics and model.training and (
         (iteration + 1) % args.log_interval == 0
     )
+    _SCHEDULE.remember(model)
     if model.training and _SCHEDULE.pending_iteration not in (None, iteration + 1):
-        flush_routing_metrics(model)  # first forward after a collecting step
+        # First forward after a collecting step: report the routers of every virtual chunk.
+        flush_routing_metrics(_SCHEDULE.model_chunks)
     if logging_step:
         _SCHEDULE.pending_iteration = iteration + 1
 

@@ -125,12 +125,12 @@ def test_standard_routing_baseline_trains_with_the_balanced_layout(corpus, tmp_p
     ("change", "named"),
     [
         (["--clip-grad", "1.0"], "--clip-grad 1.0"),
-        (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
+        (["--fp16"], "--fp16"),
         (["--bf16"], "--bf16"),
         (["--transformer-impl", "transformer_engine"], "--transformer-impl transformer_engine"),
         (["--emo-pool-size-min", "1"], "emo_pool_size_min (1)"),
     ],
-    ids=["clip-grad", "distributed-optimizer", "bf16", "te", "pool-below-topk"],
+    ids=["clip-grad", "fp16", "bf16", "te", "pool-below-topk"],
 )
 def test_contradictory_flags_fail_at_start_up(corpus, tmp_path, change, named):
     proc = run_train(train_args(corpus, str(tmp_path), train_iters=2, extra=change), timeout=120)

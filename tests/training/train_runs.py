@@ -24,6 +24,7 @@ TINY_MODEL_ARGS = [
     "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
     "--untie-embeddings-and-output-weights", "--disable-bias-linear",
     "--hidden-dropout", "0", "--attention-dropout", "0",  # the EMO recipe trains without dropout
+    "--make-vocab-size-divisible-by", "64",  # padded vocabulary 128 at TP = 1 and TP = 2 alike
 ]
 TINY_MOE_ARGS = [
     "--num-experts", "8", "--moe-router-topk", "3", "--moe-ffn-hidden-size", "64",
