@@ -33,12 +33,17 @@ MODEL_ARGS=(
     --hidden-dropout 0 --attention-dropout 0
 )
 MOE_ARGS=(
-    --num-experts 16 --moe-ffn-hidden-size 128 --moe-router-topk 4
+    --num-experts 16 --moe-ffn-hidden-size 128 --moe-router-topk 3
+    --moe-shared-expert-intermediate-size 128
     --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.1 --moe-z-loss-coeff 1e-3
     --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall
 )
-EMO_ARGS=(   # 15 routed + 1 shared; pools 3..15 in training, 4 (about 25%) in evaluation
-    --emo-routing "$ROUTING" --emo-num-shared-experts 1
+# The recipe's EP-balanced layout, scaled down: 15 routed experts + 1 never-routed padding
+# expert (16 divide every EP size up to 16) + Megatron's SharedExpertMLP (the shared expert,
+# weight 1.0 on every token); top-3 routed + shared = 4 experts per token. Pools 3..15 in
+# training, 4 (about 25%) in evaluation. The HF export has 16 experts (15 routed + 1 shared).
+EMO_ARGS=(
+    --emo-routing "$ROUTING" --emo-num-shared-experts 0 --emo-num-padding-experts 1
     --emo-pool-size-min 3 --emo-pool-size-max 15 --emo-pool-size-eval 4
 )
 DATA_ARGS=(

@@ -40,12 +40,13 @@ MODEL_ARGS=(
     --hidden-dropout 0 --attention-dropout 0
 )
 MOE_ARGS=(
-    --num-experts 16 --moe-ffn-hidden-size 128 --moe-router-topk 4
+    --num-experts 16 --moe-ffn-hidden-size 128 --moe-router-topk 3
+    --moe-shared-expert-intermediate-size 128
     --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.1 --moe-z-loss-coeff 1e-3
     --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall
 )
 EMO_ARGS=(
-    --emo-routing "$ROUTING" --emo-num-shared-experts 1
+    --emo-routing "$ROUTING" --emo-num-shared-experts 0 --emo-num-padding-experts 1
     --emo-pool-size-min 3 --emo-pool-size-max 15 --emo-pool-size-eval 4
 )
 DATA_ARGS=(

@@ -106,6 +106,26 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_lr_schedule(args: argparse.Namespace) -> None:
+    """Refuses a warm-up that does not end before the decay, which Megatron only meets with a
+    bare ``assert self.lr_warmup_steps < self.lr_decay_steps`` after building the model and
+    optimizer (``core/optimizer_param_scheduler.py:160``; steps from ``training.py:1911-1922``).
+    Iteration-based training only (sample-based runs keep Megatron's check)."""
+    if not getattr(args, "train_iters", None):
+        return
+    decay = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+    source = "--lr-decay-iters" if args.lr_decay_iters is not None else "--train-iters"
+    if args.lr_warmup_fraction is not None:
+        warmup = args.lr_warmup_fraction * decay
+        flag = f"--lr-warmup-fraction {args.lr_warmup_fraction}"
+    else:
+        warmup, flag = args.lr_warmup_iters, f"--lr-warmup-iters {args.lr_warmup_iters}"
+    if decay <= 0 or warmup >= decay:
+        raise ValueError(f"{flag} gives {warmup:g} warm-up iterations, which must be fewer "
+                         f"than the {decay} decay iterations ({source} {decay}): lower the "
+                         "warm-up or train longer")
+
+
 def validate_emo_args(args: argparse.Namespace, *, te_available: bool) -> None:
     """Refuses contradictory flags at start-up, naming them.
 
@@ -151,6 +171,7 @@ def validate_emo_args(args: argparse.Namespace, *, te_available: bool) -> None:
         )
     if getattr(args, "fp8", None) and impl != "transformer_engine":
         raise ValueError(f"--fp8-format {args.fp8} needs --transformer-impl transformer_engine")
+    _check_lr_schedule(args)
     if args.dataloader_inter_document_masking:
         if args.context_parallel_size > 1:
             raise ValueError(

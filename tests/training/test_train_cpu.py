@@ -129,11 +129,13 @@ def test_standard_routing_baseline_trains_with_the_balanced_layout(corpus, tmp_p
         (["--bf16"], "--bf16"),
         (["--transformer-impl", "transformer_engine"], "--transformer-impl transformer_engine"),
         (["--emo-pool-size-min", "1"], "emo_pool_size_min (1)"),
+        # Megatron's bare assert, after building the model (optimizer_param_scheduler.py:160).
+        (["--lr-warmup-iters", "4"], "--lr-warmup-iters 4 gives 4 warm-up iterations"),
     ],
-    ids=["clip-grad", "fp16", "bf16", "te", "pool-below-topk"],
+    ids=["clip-grad", "fp16", "bf16", "te", "pool-below-topk", "warmup-not-below-decay"],
 )
 def test_contradictory_flags_fail_at_start_up(corpus, tmp_path, change, named):
-    proc = run_train(train_args(corpus, str(tmp_path), train_iters=2, extra=change), timeout=120)
+    proc = run_train(train_args(corpus, str(tmp_path), train_iters=4, extra=change), timeout=120)
     assert proc.returncode != 0
     assert named in proc.stderr, proc.stderr[-3000:]
     assert "iteration" not in proc.stdout.split("training ...")[-1]  # failed before training
