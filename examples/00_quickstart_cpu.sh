@@ -18,34 +18,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTH
 OUT_DIR=$OUT/data VOCAB_SIZE=${VOCAB_SIZE:-4096} WORKERS=${WORKERS:-2} PY=$PY \
     bash examples/01_preprocess.sh
 
-CPU_ARGS=(
-    --cpu --transformer-impl local --attention-backend local --spec local
-    --use-cpu-initialization --clip-grad 0
-    --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-swiglu-fusion
-    --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm
-)
-MODEL_ARGS=(
-    --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 512
-    --seq-length 256 --max-position-embeddings 256
-    --normalization RMSNorm --norm-epsilon 1e-6 --swiglu
-    --position-embedding-type rope --rotary-base 500000
-    --untie-embeddings-and-output-weights --disable-bias-linear
-    --hidden-dropout 0 --attention-dropout 0
-)
-MOE_ARGS=(
-    --num-experts 16 --moe-ffn-hidden-size 128 --moe-router-topk 3
-    --moe-shared-expert-intermediate-size 128
-    --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.1 --moe-z-loss-coeff 1e-3
-    --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall
-)
-# The recipe's EP-balanced layout, scaled down: 15 routed experts + 1 never-routed padding
-# expert (16 divide every EP size up to 16) + Megatron's SharedExpertMLP (the shared expert,
-# weight 1.0 on every token); top-3 routed + shared = 4 experts per token. Pools 3..15 in
-# training, 4 (about 25%) in evaluation. The HF export has 16 experts (15 routed + 1 shared).
-EMO_ARGS=(
-    --emo-routing "$ROUTING" --emo-num-shared-experts 0 --emo-num-padding-experts 1
-    --emo-pool-size-min 3 --emo-pool-size-max 15 --emo-pool-size-eval 4
-)
+# CPU_ARGS and the model: MODEL_ARGS, MOE_ARGS, EMO_ARGS (15 routed + 1 padding expert +
+# SharedExpertMLP, pools 3..15).
+source examples/cpu_args.sh
 DATA_ARGS=(
     --data-path "$OUT/data/emo_sample_text_document" --split 95,5,0
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/data/tokenizer.model"

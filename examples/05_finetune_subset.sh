@@ -40,13 +40,8 @@ else
     "$PY" tools/preprocess_data.py --input "$OUT/data/train.jsonl" \
         --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
         --output-prefix "$OUT/data/train" --workers 1 > "$OUT/data/preprocess.log"
+    source examples/cpu_args.sh   # CPU_ARGS; the subset's own model flags replace the rest
     read -r -a MODEL_ARGS <<< "$("$PY" tools/finetune_subset.py megatron-flags "$OUT/subset/hf")"
-    CPU_ARGS=(
-        --cpu --transformer-impl local --attention-backend local --spec local
-        --use-cpu-initialization --clip-grad 0
-        --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-swiglu-fusion
-        --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm
-    )
     MOE_ARGS=(   # the subset routes like the HF model: no document pools (its own fixed pool)
         --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 1e-3
         --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall --emo-routing standard

@@ -25,30 +25,8 @@ BASE_ITERS=$(cat "$LOAD/latest_checkpointed_iteration.txt")
 TOTAL_ITERS=$((BASE_ITERS + ANNEAL_ITERS))
 mkdir -p "$OUT"
 
-CPU_ARGS=(
-    --cpu --transformer-impl local --attention-backend local --spec local
-    --use-cpu-initialization --clip-grad 0
-    --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-swiglu-fusion
-    --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm
-)
-MODEL_ARGS=(
-    --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 512
-    --seq-length 256 --max-position-embeddings 256
-    --normalization RMSNorm --norm-epsilon 1e-6 --swiglu
-    --position-embedding-type rope --rotary-base 500000
-    --untie-embeddings-and-output-weights --disable-bias-linear
-    --hidden-dropout 0 --attention-dropout 0
-)
-MOE_ARGS=(
-    --num-experts 16 --moe-ffn-hidden-size 128 --moe-router-topk 3
-    --moe-shared-expert-intermediate-size 128
-    --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.1 --moe-z-loss-coeff 1e-3
-    --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall
-)
-EMO_ARGS=(
-    --emo-routing "$ROUTING" --emo-num-shared-experts 0 --emo-num-padding-experts 1
-    --emo-pool-size-min 3 --emo-pool-size-max 15 --emo-pool-size-eval 4
-)
+# CPU_ARGS and the quickstart model (MODEL_ARGS, MOE_ARGS, EMO_ARGS with $ROUTING).
+source examples/cpu_args.sh
 DATA_ARGS=(
     --data-path "$DATA_DIR/emo_sample_text_document" --split 95,5,0
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA_DIR/tokenizer.model"

@@ -20,12 +20,7 @@ TOKENIZER_TYPE=${TOKENIZER_TYPE:-SentencePieceTokenizer}
 TRAIN_ITERS=${TRAIN_ITERS:-20}
 SAVE_INTERVAL=${SAVE_INTERVAL:-$TRAIN_ITERS}
 
-CPU_ARGS=(
-    --cpu --transformer-impl local --attention-backend local --spec local
-    --use-cpu-initialization --clip-grad 0
-    --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-swiglu-fusion
-    --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm
-)
+source "$(dirname "${BASH_SOURCE[0]}")/../cpu_args.sh"   # CPU_ARGS (model arrays replaced below)
 MODEL_ARGS=(
     --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128
     --seq-length 64 --max-position-embeddings 64
@@ -33,14 +28,17 @@ MODEL_ARGS=(
     --untie-embeddings-and-output-weights --disable-bias-linear
     --hidden-dropout 0 --attention-dropout 0
 )
+# The recipe's EP-balanced layout: 7 routed + 1 never-routed padding expert (8 divide EP 2, 4,
+# 8) + Megatron's SharedExpertMLP; top-2 routed + shared; pools 2..7 in training, 4 in evaluation.
 MOE_ARGS=(
-    --num-experts 8 --moe-ffn-hidden-size 64 --moe-router-topk 3
+    --num-experts 8 --moe-ffn-hidden-size 64 --moe-router-topk 2
+    --moe-shared-expert-intermediate-size 64
     --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 1e-3
     --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall
     --expert-model-parallel-size "${EP:-2}"
 )
-EMO_ARGS=(   # 7 routed + 1 shared experts; pools 2..7 in training, 4 in evaluation
-    --emo-routing "${ROUTING:-emo}" --emo-num-shared-experts 1
+EMO_ARGS=(
+    --emo-routing "${ROUTING:-emo}" --emo-num-shared-experts 0 --emo-num-padding-experts 1
     --emo-pool-size-min 2 --emo-pool-size-max 7 --emo-pool-size-eval 4
 )
 DATA_ARGS=(

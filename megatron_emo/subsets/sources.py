@@ -166,6 +166,16 @@ def subsample_indices(num_items: int, num_examples: int | None, seed: int) -> li
     return sorted(int(i) for i in perm[:num_examples])
 
 
+def _checked_ids(ids: list[int], vocab_size: int, where: str, detail: str = "") -> list[int]:
+    """Returns ``ids`` after refusing an empty sequence or ids outside ``[0, vocab_size)``."""
+    if not ids:
+        raise ValueError(f"{where} has no tokens{detail}")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 def examples_from_texts(texts: list[str], tokenizer, *, vocab_size: int, max_length: int,
                         source: str) -> Examples:
     """Tokenises calibration texts (no special tokens) into ``Examples``.
@@ -178,13 +188,8 @@ def examples_from_texts(texts: list[str], tokenizer, *, vocab_size: int, max_len
     sequences = []
     for i, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"{source} text {i} has no tokens: {text[:60]!r}")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{source} text {i}: token ids {bad[:5]} outside the vocabulary "
-                             f"[0, {vocab_size})")
-        sequences.append(ids[:max_length])
+        where = f"{source} text {i}"
+        sequences.append(_checked_ids(ids, vocab_size, where, f": {text[:60]!r}")[:max_length])
     sha = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
     return Examples(sequences, sha, source)
 
@@ -229,13 +234,7 @@ def load_examples(path: str, hf_dir: str, *, max_length: int | None = None,
             ids = tokenizer(rec["text"])["input_ids"]
         else:
             raise ValueError(f"{path} line {lineno} has neither 'text' nor 'tokens'")
-        if not ids:
-            raise ValueError(f"{path} line {lineno} has no tokens")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{path} line {lineno}: token ids {bad[:5]} outside the vocabulary "
-                             f"[0, {vocab})")
-        sequences.append(ids[:max_length])
+        sequences.append(_checked_ids(ids, vocab, f"{path} line {lineno}")[:max_length])
     if not sequences:
         raise ValueError(f"examples file {path} has no records (need at least 1)")
     return Examples(sequences, sha, os.path.abspath(path))

@@ -42,10 +42,10 @@ def _assert_close(got, want, rel, what):
         assert math.isclose(g, w, rel_tol=rel), f"{what}: {got} vs {want} (index {step})"
 
 
-def _print_table(title, reference, runs, steps):
+def _print_table(title, reference, runs, steps, reference_name="single process (reference)"):
     """The loss table of the report: each layout against the single-process run."""
     print(f"\n{title}\n{'layout':<28}" + "".join(f"{f'step {s}':>12}" for s in steps))
-    for name, scalars in [("single process (reference)", reference), *runs]:
+    for name, scalars in [(reference_name, reference), *runs]:
         print(f"{name:<28}" + "".join(f"{scalars['lm loss'][s]:>12.6f}" for s in steps))
 
 
@@ -188,3 +188,37 @@ def test_virtual_pipeline_reports_every_chunk(corpus, tmp_path):
         assert _series(vpp, f"emo/in_pool_fraction/layer_{layer}", steps) == [1.0] * 3
         experts = _series(vpp, f"emo/experts_per_document/layer_{layer}", steps)
         assert all(1.0 <= x <= 7.0 for x in experts), experts
+
+
+
+BALANCED = [  # the recipe's EP-balanced layout: SharedExpertMLP, 7 routed + 1 padding expert
+    "--emo-num-shared-experts", "0", "--emo-num-padding-experts", "1",
+    "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "64",
+]
+
+
+def test_balanced_layout_resumes_at_ep2_tp2_sp_with_optimizer_state(corpus, tmp_path):
+    """The recipe's layout (Megatron's SharedExpertMLP, split by TP and fed the sequence-parallel
+    shards, and a never-routed padding expert): a (TP=1, EP=1, DP=2) distributed-optimizer run
+    saved at step 2 and resumed at EP=2 x TP=2 + SP (4 ranks) gives the uninterrupted run's next
+    two losses, every token in its pool. (From scratch the layouts cannot agree: Megatron seeds
+    the expert weights per EP rank.)"""
+    saved = tmp_path / "dp2"
+    ckpt = str(saved / "ckpt")
+    extra = [*BALANCED, *DIST_OPT, "--save", ckpt, "--save-interval", "2"]
+    check(run_train(train_args(corpus, str(saved), train_iters=4, extra=extra), nproc=2,
+                    timeout=600))
+    uninterrupted = tb_scalars(str(saved / "tb"))
+    out = tmp_path / "big"
+    extra = [*EP2, *TP2_SP, *BALANCED, *DIST_OPT, "--load", ckpt, "--ckpt-step", "2"]
+    proc = check(run_train(train_args(corpus, str(out), train_iters=4, extra=extra), nproc=4,
+                           timeout=600))
+    assert f"successfully loaded checkpoint from {ckpt}" in proc.stdout
+    resumed = tb_scalars(str(out / "tb"))
+    steps = range(3, 5)
+    _print_table("balanced layout: saved at DP=2, resumed at EP=2 x TP=2 + SP", uninterrupted,
+                 [("EP=2 x TP=2 + SP", resumed)], steps, "uninterrupted DP=2")
+    _assert_close(_series(resumed, "lm loss", steps), _series(uninterrupted, "lm loss", steps),
+                  1e-4, "lm loss")
+    for layer in LAYERS:
+        assert _series(resumed, f"emo/in_pool_fraction/layer_{layer}", steps) == [1.0] * 2
