@@ -85,6 +85,12 @@ KNOWN_MESSAGES: tuple[KnownMessage, ...] = (
                                       "process."), "tool",
                  "torch/distributed/checkpoint/state_dict_loader.py:160; the tools read "
                  "checkpoints in one process on purpose"),
+    KnownMessage("warning", re.escape("torch.distributed is disabled, unavailable or "
+                                      "uninitialized, assuming the intent is to save in a single "
+                                      "process."), "tool",
+                 "torch/distributed/checkpoint/state_dict_saver.py:186, raised even for an "
+                 "explicit no_dist=True; conversion/torch_dist_writer.py streams a checkpoint from "
+                 "one process on purpose"),
     KnownMessage("warning", re.escape("Could not determine rank from torch.distributed, RANK, or "
                                       "SLURM_PROCID. Defaulting to rank 0."), "tool",
                  "megatron/core/_rank_utils.py:39; a tool is one process, rank 0 is right"),
