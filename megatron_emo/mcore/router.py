@@ -221,12 +221,6 @@ class EMORouter(TopKRouter):
                     (docs.num_docs,), self.num_routed_experts, device=logits.device
                 )
 
-        with_losses = self.training and torch.is_grad_enabled()
-        if with_losses and self.z_coeff > 0 and fused is None:
-            masked_TR = routed_logits_TR.float().masked_fill(~in_pool_TR, float("-inf"))
-            z = z_loss(masked_TR, valid_T=valid_T) * (self.z_coeff / self.tp_cp_group.size())
-            logits_TX = self._attach_aux_loss(logits_TX, z, "z_loss", self.z_coeff, valid_T)
-
         if fused is not None:
             with_pools = self.config.emo_routing == "emo"
             result = fused.fused_route_within_pools(
@@ -238,12 +232,6 @@ class EMORouter(TopKRouter):
                 renormalize=self.config.emo_renormalize_probs,
                 scaling_factor=self.config.moe_router_topk_scaling_factor,
             )
-            if with_losses and self.z_coeff > 0:
-                # The fused kernel returns the pool-masked logits; the z-loss rides on probs.
-                z = z_loss(result.masked_logits, valid_T=valid_T)
-                z = z * (self.z_coeff / self.tp_cp_group.size())
-                probs = self._attach_aux_loss(result.probs, z, "z_loss", self.z_coeff, valid_T)
-                result = result._replace(probs=probs)
         else:
             result = route_within_pools(
                 logits_TX,
@@ -256,6 +244,13 @@ class EMORouter(TopKRouter):
                 scaling_factor=self.config.moe_router_topk_scaling_factor,
             )
         probs_TX, routing_map_TX = result.probs, result.routing_map
+        with_losses = self.training and torch.is_grad_enabled()
+        if with_losses and self.z_coeff > 0:
+            # On the pool-masked routed logits both paths return; rides on probs like the
+            # balancing loss.
+            z = z_loss(result.masked_logits, valid_T=valid_T)
+            z = z * (self.z_coeff / self.tp_cp_group.size())
+            probs_TX = self._attach_aux_loss(probs_TX, z, "z_loss", self.z_coeff, valid_T)
         if collect_metrics:
             self._record_metrics(
                 routing_metrics(

@@ -188,6 +188,15 @@ def test_aux_loss_gradient_reaches_the_router_weight():
     assert no_aux.decoder.layers[0].mlp.router.weight.grad.abs().sum() == 0
 
 
+def test_z_loss_gradient_reaches_the_router_weight():
+    """The z-loss alone (balancing off, the main loss's gradient zeroed) trains the router."""
+    config = tiny_config(num_layers=1, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=1e-2)
+    model = build_tiny_gpt(config)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    (_forward(model, tiny_batch()) * 0).sum().backward()
+    assert model.decoder.layers[0].mlp.router.weight.grad.abs().sum() > 0
+
+
 def test_megatron_shared_expert_mlp_with_zero_router_shared_experts():
     config = tiny_config(
         emo_num_shared_experts=0, moe_router_topk=2, moe_shared_expert_intermediate_size=16
