@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from megatron_emo.subsets.scoring import padded_batches
+
 __all__ = ["finetune_hf", "subset_model_flags", "write_task_texts"]
 
 
@@ -32,10 +34,10 @@ def subset_model_flags(hf_dir: str, shared_layout: str = "auto", ep: int = 1) ->
     """Megatron model / MoE / EMO flags that build the (pruned) EMO HF model in ``hf_dir``.
 
     The shape comes from ``config.json`` through the converter's own mapping
-    (``conversion.checkpoint_io.megatron_args``) with the shared-expert layout and padding that
-    ``from-hf`` picks for the same ``shared_layout`` and ``ep`` (``select_experts`` exports
-    ``DIR/megatron`` with its ``--shared-layout``, default ``auto``), so the flags match the
-    checkpoint.
+    (``conversion.checkpoint_io.megatron_args``); the MoE flags are ``from-hf``'s own
+    (``conversion.from_hf.training_flags``) for the layout and padding it picks with the same
+    ``shared_layout`` and ``ep`` (``select_experts`` exports ``DIR/megatron`` with its
+    ``--shared-layout``, default ``auto``), so the flags match the checkpoint.
 
     Args:
         hf_dir: the pruned HF export (``DIR/hf`` of ``select_experts``).
@@ -46,7 +48,7 @@ def subset_model_flags(hf_dir: str, shared_layout: str = "auto", ep: int = 1) ->
         ValueError: per-layer expert counts differ (Megatron needs one count), or a bad layout.
     """
     from megatron_emo.conversion.checkpoint_io import megatron_args
-    from megatron_emo.conversion.from_hf import resolve_shared_layout
+    from megatron_emo.conversion.from_hf import resolve_shared_layout, training_flags
     from megatron_emo.conversion.hf_config import shape_from_hf_config
     from megatron_emo.conversion.key_map import padding_for_ep
     from megatron_emo.subsets.sources import read_emo_config
@@ -57,7 +59,8 @@ def subset_model_flags(hf_dir: str, shared_layout: str = "auto", ep: int = 1) ->
                          f"Megatron model needs the same count in every layer")
     shape = shape_from_hf_config(cfg)
     layout = resolve_shared_layout(shape, shared_layout)
-    a = megatron_args(shape, layout, num_padding=padding_for_ep(shape, layout, ep))
+    num_padding = padding_for_ep(shape, layout, ep)
+    a = megatron_args(shape, layout, num_padding=num_padding)
     flags = [
         "--num-layers", a.num_layers, "--hidden-size", a.hidden_size,
         "--num-attention-heads", a.num_attention_heads, "--kv-channels", a.kv_channels,
@@ -67,13 +70,8 @@ def subset_model_flags(hf_dir: str, shared_layout: str = "auto", ep: int = 1) ->
         "--position-embedding-type", "rope", "--rotary-base", int(a.rotary_base)
         if float(a.rotary_base).is_integer() else a.rotary_base,
         "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-        "--num-experts", a.num_experts, "--moe-ffn-hidden-size", a.moe_ffn_hidden_size,
-        "--moe-router-topk", a.moe_router_topk,
-        "--emo-num-shared-experts", a.emo_num_shared_experts,
-        "--emo-num-padding-experts", a.emo_num_padding_experts,
+        *training_flags(shape, layout, num_padding),
     ]
-    if a.moe_shared_expert_intermediate_size:
-        flags += ["--moe-shared-expert-intermediate-size", a.moe_shared_expert_intermediate_size]
     if a.group_query_attention:
         flags += ["--group-query-attention", "--num-query-groups", a.num_query_groups]
     return [str(f) for f in flags]
@@ -112,12 +110,8 @@ class _TokenDataset(torch.utils.data.Dataset):
 
 def _collate(pad_id: int) -> Callable[[list[dict]], dict]:
     def collate(rows: list[dict]) -> dict:
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r["input_ids"])] = torch.as_tensor(r["input_ids"])
-            mask[i, :len(r["input_ids"])] = 1
+        # One right-padded batch of the rows, as the scoring passes build them.
+        ids, mask = next(padded_batches([r["input_ids"] for r in rows], len(rows), pad_id))
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": ids.masked_fill(mask == 0, -100)}
     return collate

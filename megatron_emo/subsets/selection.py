@@ -159,30 +159,27 @@ def select_experts(model, examples: Sequence[Sequence[int]], keep: int | None = 
     kept: list[list[int]] = []
     scores: list[list[float]] = []
     num_tokens = 0
-    if method == "random":
-        num_tokens = sum(len(e) for e in examples)
-        layer_scores = random_scores([n - num_shared for n in counts], seed)
-        for layer, (block, s) in enumerate(zip(blocks, layer_scores)):
-            scores.append(s.tolist())
-            kept.append(select_from_scores(s, keeps[layer], block.num_experts, num_shared))
-    elif method == "easy-ep":
-        layer_scores, num_tokens = easy_ep_scores(model, examples, batch_size=batch_size)
-        for layer, (block, s) in enumerate(zip(blocks, layer_scores)):
-            scores.append(s.tolist())
-            kept.append(select_from_scores(s, keeps[layer], block.num_experts, num_shared))
-    elif method == "global":
-        stats = routing_stats(model, examples, batch_size=batch_size)
-        num_tokens = stats.num_tokens
-        for layer, block in enumerate(blocks):
-            s = stats.mean_probs(layer)
-            scores.append(s.tolist())
-            kept.append(select_from_scores(s, keeps[layer], block.num_experts, num_shared))
-    else:
+    if method == "greedy-layerwise":
+        # Layer l is scored with layers < l already reduced, so selection runs layer by layer.
         for layer, block in enumerate(blocks):
             with mask_experts(model, kept):
                 stats = routing_stats(model, examples, layers=[layer], batch_size=batch_size)
             num_tokens = stats.num_tokens
             s = stats.mean_probs(layer)
+            scores.append(s.tolist())
+            kept.append(select_from_scores(s, keeps[layer], block.num_experts, num_shared))
+    else:
+        # Every layer's scores from one pass (or none), then the same selection per layer.
+        if method == "random":
+            num_tokens = sum(len(e) for e in examples)
+            layer_scores = random_scores([n - num_shared for n in counts], seed)
+        elif method == "easy-ep":
+            layer_scores, num_tokens = easy_ep_scores(model, examples, batch_size=batch_size)
+        else:  # global
+            stats = routing_stats(model, examples, batch_size=batch_size)
+            num_tokens = stats.num_tokens
+            layer_scores = [stats.mean_probs(layer) for layer in range(len(blocks))]
+        for layer, (block, s) in enumerate(zip(blocks, layer_scores, strict=True)):
             scores.append(s.tolist())
             kept.append(select_from_scores(s, keeps[layer], block.num_experts, num_shared))
     return Selection(

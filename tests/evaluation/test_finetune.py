@@ -76,15 +76,17 @@ def test_megatron_flags_of_a_pruned_model(finetune_run, tmp_path):
     # select_experts' default layout (auto): SharedExpertMLP + the 3 routed experts, which is
     # what the fine-tuning run above loaded from DIR/megatron.
     assert subset_model_flags(hf_dir) == [
-        *common, "--num-experts", "3", "--moe-ffn-hidden-size", "16", "--moe-router-topk", "2",
-        "--emo-num-shared-experts", "0", "--emo-num-padding-experts", "0",
-        "--moe-shared-expert-intermediate-size", "16", *gqa]
-    assert subset_model_flags(hf_dir, "auto", ep=2)[len(common):len(common) + 8] == [
-        "--num-experts", "4", "--moe-ffn-hidden-size", "16", "--moe-router-topk", "2",
-        "--emo-num-shared-experts", "0"]
+        *common, "--num-experts", "3", "--moe-ffn-hidden-size", "16",
+        "--moe-shared-expert-intermediate-size", "16", "--emo-num-shared-experts", "0",
+        "--moe-router-topk", "2", "--emo-num-padding-experts", "0", *gqa]
+    assert subset_model_flags(hf_dir, "auto", ep=2)[len(common):len(common) + 12] == [
+        "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+        "--moe-shared-expert-intermediate-size", "16", "--emo-num-shared-experts", "0",
+        "--moe-router-topk", "2", "--emo-num-padding-experts", "1"]
     assert subset_model_flags(hf_dir, "router") == [
-        *common, "--num-experts", "4", "--moe-ffn-hidden-size", "16", "--moe-router-topk", "3",
-        "--emo-num-shared-experts", "1", "--emo-num-padding-experts", "0", *gqa]
+        *common, "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+        "--emo-num-shared-experts", "1", "--moe-router-topk", "3",
+        "--emo-num-padding-experts", "0", *gqa]
     uneven = tmp_path / "uneven"
     uneven.mkdir()
     cfg = json.load(open(out / "subset" / "hf" / "config.json"))
