@@ -31,10 +31,10 @@ def _transformer_engine_importable() -> bool:
 
 def _init_cpu_distributed(args) -> None:
     """gloo process group and model-parallel state for ``--cpu`` (Megatron skips mpu on CPU:
-    ``initialize.py:358`` and seeds no RNG tracker: ``initialize.py:447``)."""
-    from megatron_emo.mcore.cpu_backend import enable_cpu_training, initialize_model_parallel_cpu
+    ``initialize.py:358`` and seeds no RNG tracker: ``initialize.py:447``). ``main`` has
+    enabled the CPU training shim before parsing the flags."""
+    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
 
-    enable_cpu_training()
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     """
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    if "--cpu" in sys.argv[1:]:
+    # Read before parsing: both must act before Megatron imports and validates the flags.
+    cpu = "--cpu" in sys.argv[1:]
+    if cpu:
         filter_known_messages("cpu")  # before megatron's imports warn about CUDA, TE and apex
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         # Megatron's validate_args asks the GPU's compute capability for --moe-grouped-gemm
         # (arguments.py:1339); a dry run on a login node checks against a Hopper-class target.
         torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
-    if "--cpu" in sys.argv:
+    if cpu:
         # Megatron's argument validation already asks CUDA questions (arguments.py:1414).
         from megatron_emo.mcore.cpu_backend import enable_cpu_training
 

@@ -137,6 +137,24 @@ def tiny_batch(batch_size: int = 2, seed: int = 0, eod_positions=((5, 20, 41), (
     return tokens, position_ids, causal_mask, docs
 
 
+def random_doc_ids(num_tokens: int, num_docs: int, gen: torch.Generator) -> torch.Tensor:
+    """``(T,)`` sorted ids of ``num_docs`` contiguous documents of random lengths (each >= 1)."""
+    cuts = torch.randperm(num_tokens - 1, generator=gen)[: num_docs - 1] + 1
+    starts = torch.zeros(num_tokens, dtype=torch.int64)
+    starts[cuts] = 1
+    return torch.cumsum(starts, 0)
+
+
+def forward_with_docs(model, batch, *, train: bool = True):
+    """One GPTModel forward of a ``tiny_batch`` inside its ``routing_context``; the LM loss."""
+    from megatron_emo.mcore import routing_context
+
+    tokens, position_ids, mask, docs = batch
+    model.train(train)
+    with routing_context(docs):
+        return model(tokens, position_ids, mask, labels=tokens)
+
+
 def capture_router_io(model) -> list[dict]:
     """Records each EMORouter call: hidden input ``[s, b, h]`` and its ``(probs, routing_map)``."""
     from megatron_emo.mcore import EMORouter

@@ -88,7 +88,7 @@ class EMOTransformerConfig(TransformerConfig):
                 f"emo_num_shared_experts ({num_shared}) and emo_num_padding_experts "
                 f"({num_padding}) must be >= 0"
             )
-        num_routed = self.num_moe_experts - num_shared - num_padding
+        num_routed = self.emo_num_routed_experts
         if num_routed < 1:
             raise ValueError(
                 f"num_moe_experts ({self.num_moe_experts}) must leave at least one routed expert "

@@ -5,10 +5,11 @@ On a step that ends at a multiple of ``--log-interval`` the forward step marks i
 its running sums (device tensors, no host sync). ``report_routing_metrics`` (called by the next
 step's first forward, and once after training, with every model chunk of the rank: all virtual
 pipeline chunks) averages them over the TP x DP x CP ranks of the pipeline stage and writes
-``emo/<metric>/layer_<n>``, an ``emo/expert_load/layer_<n>`` histogram and the mean over the stage's MoE layers (``emo/<metric>``, or
-``emo/<metric>/pp_stage_<k>`` under pipeline parallelism). No collective crosses pipeline
-stages: inside a forward step that would deadlock against the schedule's point-to-point
-receives. Stages other than the last write their own event file next to Megatron's. Load-balancing and z-loss are logged by Megatron's MoE tracker
+``emo/<metric>/layer_<n>``, an ``emo/expert_load/layer_<n>`` histogram and the mean over the
+stage's MoE layers (``emo/<metric>``, or ``emo/<metric>/pp_stage_<k>`` under pipeline
+parallelism). No collective crosses pipeline stages: inside a forward step that would deadlock
+against the schedule's point-to-point receives. Stages other than the last write their own
+event file next to Megatron's. Load-balancing and z-loss are logged by Megatron's MoE tracker
 (``load_balancing_loss``, ``z_loss``; per layer with ``--moe-per-layer-logging``).
 
 Megatron symbols: ``core.parallel_state.{get_pipeline_model_parallel_rank,

@@ -25,7 +25,13 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from torch.overrides import TorchFunctionMode
 
-from helpers import build_tiny_gpt, capture_router_io, tiny_batch, tiny_config
+from helpers import (
+    build_tiny_gpt,
+    capture_router_io,
+    forward_with_docs,
+    tiny_batch,
+    tiny_config,
+)
 from megatron_emo.mcore import routing_context
 from megatron_emo.routing import (
     document_pool_mask,
@@ -33,13 +39,6 @@ from megatron_emo.routing import (
     route_within_pools,
     sample_pool_sizes,
 )
-
-
-def _forward(model, batch, *, train: bool = True):
-    tokens, position_ids, mask, docs = batch
-    model.train(train)
-    with routing_context(docs):
-        return model(tokens, position_ids, mask, labels=tokens)
 
 
 def _expected(record, docs, config):
@@ -82,7 +81,7 @@ def test_padding_experts_get_no_token_probability_or_gradient(layout):
     model = build_tiny_gpt(config)
     records = capture_router_io(model)
     batch = tiny_batch()
-    _forward(model, batch).mean().backward()
+    forward_with_docs(model, batch).mean().backward()
     lb_logged = moe_logging.get_moe_metrics_tracker().metrics["load_balancing_loss"].values
     for record in records:
         expected = _expected(record, batch[3], config)
@@ -152,7 +151,7 @@ def test_capacity_factor_drops_only_routed_assignments():
     model = build_tiny_gpt(config)
     records = capture_router_io(model)
     batch = tiny_batch()
-    _forward(model, batch).mean().backward()
+    forward_with_docs(model, batch).mean().backward()
     capacity = math.ceil(128 * 3 / 15)
     for record in records:
         expected = _expected(record, batch[3], config)
@@ -179,7 +178,7 @@ def test_expert_bias_moves_every_routed_expert_towards_the_routed_mean():
     records = capture_router_io(model)
     router = model.decoder.layers[0].mlp.router
     assert router.expert_bias.shape == router.local_tokens_per_expert.shape == (7,)
-    _forward(model, tiny_batch()).mean().backward()
+    forward_with_docs(model, tiny_batch()).mean().backward()
     counts_R = records[0]["routing_map"][:, :7].sum(0).float()
     assert torch.equal(router.local_tokens_per_expert, counts_R)
     routed_mean = counts_R.mean()
@@ -229,7 +228,7 @@ def test_sigmoid_with_one_routed_slot_gives_the_router_an_lm_gradient():
                          moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
     model = build_tiny_gpt(config)
     records = capture_router_io(model)
-    _forward(model, tiny_batch()).mean().backward()
+    forward_with_docs(model, tiny_batch()).mean().backward()
     for record in records:
         routed = record["probs"][:, :7][record["routing_map"][:, :7]]
         assert (routed < 1.0).all()  # sigmoid(z), not renormalised to 1.0
@@ -242,7 +241,7 @@ def test_router_logits_are_fp32_without_moe_router_dtype():
     assert config.moe_router_dtype == "fp32"
     model = build_tiny_gpt(config).to(torch.bfloat16)
     records = capture_router_io(model)
-    _forward(model, tiny_batch()).float().mean().backward()
+    forward_with_docs(model, tiny_batch()).float().mean().backward()
     for record in records:
         assert record["hidden"].dtype == torch.bfloat16
         assert record["probs"].dtype == torch.float32

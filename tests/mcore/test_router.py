@@ -12,7 +12,13 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.moe import moe_logging
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from helpers import build_tiny_gpt, capture_router_io, tiny_batch, tiny_config
+from helpers import (
+    build_tiny_gpt,
+    capture_router_io,
+    forward_with_docs,
+    tiny_batch,
+    tiny_config,
+)
 from megatron_emo.mcore import EMORouter, routing_context, with_emo_router
 from megatron_emo.mcore.specs import is_moe_mlp
 from megatron_emo.routing import (
@@ -23,13 +29,6 @@ from megatron_emo.routing import (
     route_within_pools,
     sample_pool_sizes,
 )
-
-
-def _forward(model, batch, *, train: bool = True):
-    tokens, position_ids, mask, docs = batch
-    model.train(train)
-    with routing_context(docs):
-        return model(tokens, position_ids, mask, labels=tokens)
 
 
 def _expected_routing(record, docs, config, *, train: bool):
@@ -83,7 +82,7 @@ def test_model_routing_equals_emo_route(dispatcher, train):
     records = capture_router_io(model)
     batch = tiny_batch()
     docs = batch[3]
-    loss = _forward(model, batch, train=train)
+    loss = forward_with_docs(model, batch, train=train)
     assert len(records) == config.num_layers
     for record in records:
         probs, routing_map, doc_ids_T, pools = _expected_routing(record, docs, config, train=train)
@@ -108,7 +107,7 @@ def test_allgather_and_alltoall_give_identical_outputs():
     outs = []
     for dispatcher in ("allgather", "alltoall"):
         model = build_tiny_gpt(tiny_config(moe_token_dispatcher_type=dispatcher), seed=3)
-        outs.append(_forward(model, batch).detach())
+        outs.append(forward_with_docs(model, batch).detach())
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
 
 
@@ -158,7 +157,7 @@ def test_aux_losses_are_logged_and_match_the_pure_functions():
     records = capture_router_io(model)
     batch = tiny_batch()
     docs = batch[3]
-    _forward(model, batch)
+    forward_with_docs(model, batch)
     values = moe_logging.get_moe_metrics_tracker().metrics
     lb_logged = values["load_balancing_loss"].values
     for record in records:
@@ -179,12 +178,12 @@ def test_aux_loss_gradient_reaches_the_router_weight():
     config = tiny_config(num_layers=1, moe_z_loss_coeff=None)
     model = build_tiny_gpt(config)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    loss = _forward(model, tiny_batch())
+    loss = forward_with_docs(model, tiny_batch())
     (loss * 0).sum().backward()
     router = model.decoder.layers[0].mlp.router
     assert router.weight.grad.abs().sum() > 0
     no_aux = build_tiny_gpt(tiny_config(num_layers=1, moe_z_loss_coeff=None, moe_aux_loss_coeff=0.0))
-    (_forward(no_aux, tiny_batch()) * 0).sum().backward()
+    (forward_with_docs(no_aux, tiny_batch()) * 0).sum().backward()
     assert no_aux.decoder.layers[0].mlp.router.weight.grad.abs().sum() == 0
 
 
@@ -193,7 +192,7 @@ def test_z_loss_gradient_reaches_the_router_weight():
     config = tiny_config(num_layers=1, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=1e-2)
     model = build_tiny_gpt(config)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    (_forward(model, tiny_batch()) * 0).sum().backward()
+    (forward_with_docs(model, tiny_batch()) * 0).sum().backward()
     assert model.decoder.layers[0].mlp.router.weight.grad.abs().sum() > 0
 
 
@@ -204,7 +203,7 @@ def test_megatron_shared_expert_mlp_with_zero_router_shared_experts():
     model = build_tiny_gpt(config)
     records = capture_router_io(model)
     batch = tiny_batch()
-    _forward(model, batch).mean().backward()
+    forward_with_docs(model, batch).mean().backward()
     assert model.decoder.layers[0].mlp.shared_experts is not None
     for record in records:
         probs, routing_map, _, _ = _expected_routing(record, batch[3], config, train=True)
@@ -216,7 +215,7 @@ def test_bf16_params_with_fp32_router():
     config = tiny_config(bf16=True, params_dtype=torch.bfloat16, moe_token_dispatcher_type="allgather")
     model = build_tiny_gpt(config).to(torch.bfloat16)
     records = capture_router_io(model)
-    loss = _forward(model, tiny_batch())
+    loss = forward_with_docs(model, tiny_batch())
     loss.float().mean().backward()
     for record in records:
         assert record["hidden"].dtype == torch.bfloat16
@@ -235,7 +234,7 @@ def test_expert_bias_never_selects_outside_the_pool():
         layer.mlp.router.expert_bias.fill_(0.0)
         layer.mlp.router.expert_bias[0] = 1e6  # would win every token without the pool mask
     batch = tiny_batch()
-    _forward(model, batch)
+    forward_with_docs(model, batch)
     for record in records:
         router = record["router"]
         logits = (record["hidden"].float() @ router.weight.detach().float().t()).reshape(-1, 8)
@@ -251,7 +250,7 @@ def test_capacity_factor_drops_tokens_but_keeps_pools():
     model = build_tiny_gpt(config)
     records = capture_router_io(model)
     batch = tiny_batch()
-    _forward(model, batch).mean().backward()
+    forward_with_docs(model, batch).mean().backward()
     for record in records:
         _, routing_map, _, _ = _expected_routing(record, batch[3], config, train=True)
         # Dropping only removes assignments.
@@ -323,12 +322,12 @@ def test_same_documents_and_iteration_route_identically_after_a_rebuild():
     for _ in range(2):
         model = build_tiny_gpt(tiny_config(), seed=21)
         records = capture_router_io(model)
-        _forward(model, batch)
+        forward_with_docs(model, batch)
         maps.append(torch.stack([r["routing_map"] for r in records]))
     assert torch.equal(maps[0], maps[1])
     later = tiny_batch()
     later = (*later[:3], type(later[3])(later[3].doc_ids, later[3].doc_keys, iteration=8))
     model = build_tiny_gpt(tiny_config(), seed=21)
     records = capture_router_io(model)
-    _forward(model, later)
+    forward_with_docs(model, later)
     assert not torch.equal(torch.stack([r["routing_map"] for r in records]), maps[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_doc_ids
 from reference import reference_emo_route, reference_pools
 
 from megatron_emo.routing import (
@@ -57,13 +58,6 @@ def _fused_pools(fused, routed_logits, doc_ids, pool_sizes) -> torch.Tensor:
     return fused.fused_document_pools(*_on(routed_logits, doc_ids, pool_sizes)).cpu()
 
 
-def _doc_ids(num_tokens: int, num_docs: int, gen: torch.Generator) -> torch.Tensor:
-    """``(T,)`` ids of ``num_docs`` contiguous documents of random lengths (each >= 1)."""
-    cuts = torch.randperm(num_tokens - 1, generator=gen)[: num_docs - 1] + 1
-    starts = torch.zeros(num_tokens, dtype=torch.int64)
-    starts[cuts] = 1
-    return torch.cumsum(starts, 0)
-
 
 def _case(name: str) -> dict:
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
@@ -88,7 +82,7 @@ def _case(name: str) -> dict:
     if name == "two_token_docs":
         doc_ids = torch.arange(num_tokens) // 2
     else:
-        doc_ids = _doc_ids(num_tokens, num_docs, gen)
+        doc_ids = random_doc_ids(num_tokens, num_docs, gen)
     num_routed = case["num_experts"] - case["num_shared"]
     num_slots = case["topk"] - case["num_shared"]
     if name == "pool_ge_routed":
@@ -169,7 +163,7 @@ def _tie_case(name: str) -> dict:
         logits[:, 1::2] = -0.0
     return dict(
         logits=logits,
-        doc_ids=_doc_ids(40, 5, gen),
+        doc_ids=random_doc_ids(40, 5, gen),
         pool_sizes=torch.tensor([3, 5, 7, 12, 20]),
         topk=4,
         num_shared=1,
@@ -217,7 +211,7 @@ def test_fused_interleaved_token_layout(fused) -> None:
     # Megatron's router order: tokens [s, b] with documents running along s in each sequence.
     gen = torch.Generator().manual_seed(3)
     batch, seq = 3, 24
-    doc_ids_BS = torch.stack([_doc_ids(seq, 4, gen) + 4 * b for b in range(batch)])
+    doc_ids_BS = torch.stack([random_doc_ids(seq, 4, gen) + 4 * b for b in range(batch)])
     doc_ids_T = doc_ids_BS.t().reshape(-1)
     logits = 2.0 * torch.randn(batch * seq, 17, generator=gen)
     pool_sizes = torch.randint(3, 17, (4 * batch,), generator=gen)

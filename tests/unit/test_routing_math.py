@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_doc_ids
 from reference import reference_doc_ids_from_eod, reference_emo_route, reference_pools
 
 from megatron_emo.routing import (
@@ -22,13 +23,6 @@ from megatron_emo.routing import (
 
 EOD = 0
 
-
-def _random_doc_ids(num_tokens: int, num_docs: int, gen: torch.Generator) -> torch.Tensor:
-    """``(T,)`` sorted ids of ``num_docs`` contiguous documents of random lengths (each >= 1)."""
-    cuts = torch.randperm(num_tokens - 1, generator=gen)[: num_docs - 1] + 1
-    starts = torch.zeros(num_tokens, dtype=torch.int64)
-    starts[cuts] = 1
-    return torch.cumsum(starts, 0)
 
 
 def _window_doc_ids(batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
@@ -45,7 +39,7 @@ def _make_case(name: str) -> dict:
     case = dict(num_experts=17, num_shared=1, topk=4, renormalize=False)
     num_tokens = 96
     if name in ("random_many_docs", "renormalize"):
-        doc_ids = _random_doc_ids(num_tokens, 12, gen)
+        doc_ids = random_doc_ids(num_tokens, 12, gen)
         case["renormalize"] = name == "renormalize"
     elif name == "single_token_docs":
         num_tokens = 24
@@ -58,11 +52,11 @@ def _make_case(name: str) -> dict:
         case["num_shared"] = int(name[-1])
         case["topk"] = 4 + case["num_shared"]
         case["num_experts"] = 16 + case["num_shared"]
-        doc_ids = _random_doc_ids(num_tokens, 10, gen)
+        doc_ids = random_doc_ids(num_tokens, 10, gen)
     elif name == "pool_ge_routed":
-        doc_ids = _random_doc_ids(num_tokens, 6, gen)
+        doc_ids = random_doc_ids(num_tokens, 6, gen)
     elif name == "pool_eq_slots":
-        doc_ids = _random_doc_ids(num_tokens, 6, gen)
+        doc_ids = random_doc_ids(num_tokens, 6, gen)
     else:
         raise KeyError(name)
     num_docs = int(doc_ids.max()) + 1
@@ -182,7 +176,7 @@ def _tie_case(name: str) -> dict:
     elif name == "all_equal_logits":
         logits = torch.zeros(40, 13)
     case["logits"] = logits
-    case["doc_ids"] = _random_doc_ids(40, 5, gen)
+    case["doc_ids"] = random_doc_ids(40, 5, gen)
     case["pool_sizes"] = torch.tensor([3, 5, 7, 12, 20])
     return case
 
@@ -242,7 +236,7 @@ def test_emo_route_invariants_random(seed: int) -> None:
     num_shared = seed % 3
     num_routed = 20
     topk = 5 + num_shared
-    doc_ids = _random_doc_ids(128, 1 + 4 * seed, gen)
+    doc_ids = random_doc_ids(128, 1 + 4 * seed, gen)
     num_docs = int(doc_ids.max()) + 1
     pool_sizes = torch.randint(5, 24, (num_docs,), generator=gen)
     logits = 3.0 * torch.randn(128, num_routed + num_shared, generator=gen)
@@ -254,7 +248,7 @@ def test_emo_route_invariants_random(seed: int) -> None:
 def test_reduce_fn_split_documents_give_same_pools(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     logits = 2.0 * torch.randn(120, 16, generator=gen)
-    doc_ids = _random_doc_ids(120, 9, gen)
+    doc_ids = random_doc_ids(120, 9, gen)
     num_docs = int(doc_ids.max()) + 1
     pool_sizes = torch.randint(2, 17, (num_docs,), generator=gen)
     full = document_pool_mask(logits, doc_ids, pool_sizes)
