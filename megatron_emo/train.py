@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         use_prebuilt_dataset_helpers,
     )
     from megatron_emo.training.model_provider import emo_config_from_args, model_provider
-    from megatron_emo.training.step import (
-        flush_routing_metrics,
-        forward_step,
-        train_valid_test_datasets_provider,
-    )
+    from megatron_emo.training.step import EMOTrainingStep, train_valid_test_datasets_provider
 
     if "--emo-dry-run" in sys.argv and not torch.cuda.is_available():
         # Megatron's validate_args asks the GPU's compute capability for --moe-grouped-gemm
@@ -125,13 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu:
         _init_cpu_distributed(args)
 
-    built_models: list[torch.nn.Module] = []
-
-    def provider(*a, **kw):
-        model = model_provider(*a, **kw)
-        built_models.append(model)
-        return model
-
+    step = EMOTrainingStep()
     with warnings.catch_warnings():
         # We pass a model provider on purpose (the EMO spec and CPU classes need it).
         warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
@@ -141,17 +131,17 @@ def main(argv: list[str] | None = None) -> None:
             cfg,
             train_valid_test_datasets_provider,
             ModelType.encoder_or_decoder,
-            forward_step,
-            model_provider=provider,
+            step.forward_step,
+            model_provider=model_provider,
         )
     except SystemExit as stop:
         # Megatron's early exits (--exit-interval, --exit-duration-in-mins, the signal handler
         # of a job at its time limit) leave pretrain() through sys.exit (training.py:4155),
         # every rank at the same iteration: report the last logging step's diagnostics first.
         if stop.code in (None, 0):
-            flush_routing_metrics(built_models)
+            step.flush_routing_metrics()
         raise
-    flush_routing_metrics(built_models)  # the last logging step's diagnostics
+    step.flush_routing_metrics()  # the last logging step's diagnostics
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_emo.mcore.config import EMOTransformerConfig
-from megatron_emo.mcore.routing_context import current_documents
-from megatron_emo.parallel import all_reduce_fn
+from megatron_emo.mcore.routing_context import current_context
+from megatron_emo.parallel import RoutingLayout
 from megatron_emo.routing import (
+    DocumentBatch,
     document_pool_mask,
     eval_pool_sizes,
     expert_load,
@@ -58,16 +59,18 @@ def num_moe_layers(config: EMOTransformerConfig) -> int:
 class EMORouter(TopKRouter):
     """Top-k router whose tokens may only use their document's expert pool (EMO).
 
-    Per micro-batch it reads the documents from ``routing_context`` (``DocumentBatch``), draws a
-    pool size per document (training: uniform in ``[emo_pool_size_min, emo_pool_size_max]``,
-    keyed by seed, iteration, layer and document key; evaluation: ``emo_pool_size_eval``),
-    selects every document's pool from its summed fp32 softmax (all-reduced over the TP group
-    under sequence parallelism and over the CP group), and routes inside the pool with
-    ``megatron_emo.routing``. Load balancing counts are reduced over TP x DP x CP, so balance is
-    global while documents specialise. With ``emo_routing='standard'`` the same code routes
-    without pools (the standard-MoE baseline). ``emo_router_fusion`` selects the fused Triton
-    kernels (``megatron_emo.routing.fused``; by default on CUDA) or the pure-torch functions;
-    both give the same routing.
+    Per micro-batch it reads ``routing_context`` once (the ``DocumentBatch`` and, on logging
+    steps, the metrics tracker to record into), draws a pool size per document (training:
+    uniform in ``[emo_pool_size_min, emo_pool_size_max]``, keyed by seed, iteration, layer and
+    document key; evaluation: ``emo_pool_size_eval``), selects every document's pool from its
+    summed fp32 softmax, and routes inside the pool with ``megatron_emo.routing``. Every
+    parallel decision (which ranks complete a document's sums, the global TP x DP x CP balance
+    counts, the SP slice, loss shares, the metrics group) is its ``RoutingLayout``
+    (``self.layout``), built once from the process groups, so balance is global while documents
+    specialise. With ``emo_routing='standard'`` the same code routes without pools (the
+    standard-MoE baseline). ``emo_router_fusion`` selects the fused Triton kernels
+    (``megatron_emo.routing.fused``; by default on CUDA) or the pure-torch functions; both give
+    the same routing.
 
     Outside ``routing_context`` the router raises in training; in evaluation each sequence is
     one document.
@@ -95,11 +98,15 @@ class EMORouter(TopKRouter):
                 "expert_bias",
                 torch.zeros(self.num_routed_experts, dtype=torch.float32, device=device),
             )
-        # Document partial sums live on the ranks that hold shards of the same sequences.
-        pool_group = self.tp_cp_group if config.sequence_parallel else self.cp_group
-        self._pool_reduce_fn = all_reduce_fn(pool_group)
-        # Load-balancing counts: every rank that holds tokens of the step (TP x DP x CP).
-        self._lb_reduce_fn = all_reduce_fn(self.tp_dp_cp_group)
+        # Every parallel decision of this router (pools, balance counts, SP slice, loss shares,
+        # metrics group), from the process groups Megatron gave it.
+        self.layout = RoutingLayout.from_process_groups(
+            tp_group=self.tp_group,
+            cp_group=self.cp_group,
+            tp_cp_group=self.tp_cp_group,
+            tp_dp_cp_group=self.tp_dp_cp_group,
+            sequence_parallel=config.sequence_parallel,
+        )
         scale = num_moe_layers(config) if config.emo_scale_aux_loss_by_num_layers else 1
         self.lb_coeff = (config.moe_aux_loss_coeff if self.get_aux_loss_coeff("aux_loss") else 0.0) / scale
         self.z_coeff = (config.moe_z_loss_coeff or 0.0) / scale
@@ -107,10 +114,6 @@ class EMORouter(TopKRouter):
         # buffer, so Megatron's Float16Module cannot cast the counts to bf16.
         self._step_load_R1: torch.Tensor | None = None
         self._step_load_iteration: int | None = None
-        # Routing diagnostics summed over the micro-batches that asked for them
-        # (DocumentBatch.collect_metrics); read and reset by megatron_emo.training.metrics.
-        self.routing_metric_sums: dict[str, torch.Tensor] = {}
-        self.routing_metric_count = 0
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Router logits; the weights follow the input's device (Megatron moves them to CUDA)."""
@@ -126,11 +129,10 @@ class EMORouter(TopKRouter):
         return router_gating_linear(input, self.weight, self.bias, router_dtype)
 
     def _document_ids_and_pools(
-        self, seq_length: int, bsz: int, device: torch.device
+        self, docs: DocumentBatch | None, seq_length: int, bsz: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This shard's ``(T,)`` document ids in router order ``[s, b]`` and ``(D,)`` pool sizes."""
         config = self.config
-        docs = current_documents()
         if docs is None:
             if self.training:
                 raise RuntimeError(
@@ -144,17 +146,7 @@ class EMORouter(TopKRouter):
         doc_ids_BS = docs.doc_ids
         if doc_ids_BS.shape[0] != bsz:
             raise ValueError(f"doc_ids batch size {doc_ids_BS.shape[0]} != router batch size {bsz}")
-        full_seq = doc_ids_BS.shape[1]
-        if full_seq != seq_length:
-            tp_size = self.tp_group.size()
-            if not (config.sequence_parallel and full_seq == seq_length * tp_size):
-                raise ValueError(
-                    f"doc_ids cover {full_seq} positions but the router sees {seq_length} (tensor "
-                    f"parallel size {tp_size}, sequence_parallel={config.sequence_parallel})"
-                )
-            # Sequence parallelism scatters the sequence dimension evenly over the TP ranks.
-            start = self.tp_group.rank() * seq_length
-            doc_ids_BS = doc_ids_BS[:, start : start + seq_length]
+        doc_ids_BS = self.layout.local_doc_ids(doc_ids_BS, seq_length)
         doc_ids_T = doc_ids_BS.to(device, non_blocking=True).t().reshape(-1)
         keys_D = docs.doc_keys.to(device, non_blocking=True)
         if self.training:
@@ -194,29 +186,34 @@ class EMORouter(TopKRouter):
         else:
             logits_TX = logits_TE  # X = R + S: the columns that take part in routing
 
-        docs = current_documents()
-        collect_metrics = docs is not None and docs.collect_metrics
+        context = current_context()  # read once per call
+        docs = None if context is None else context.documents
+        tracker = None if context is None or self.layer_number is None else context.metrics
+        collect_metrics = tracker is not None
+        layout = self.layout
         fused = self._fused_routing(logits)
         if self.config.emo_routing == "emo":
-            doc_ids_T, pool_sizes_D = self._document_ids_and_pools(seq_length, bsz, logits.device)
+            doc_ids_T, pool_sizes_D = self._document_ids_and_pools(
+                docs, seq_length, bsz, logits.device
+            )
             if fused is not None:
                 # [s, b] token order: documents run along s (num_interleaved = b).
                 in_pool_DR = fused.fused_document_pools(
                     routed_logits_TR,
                     doc_ids_T,
                     pool_sizes_D,
-                    reduce_fn=self._pool_reduce_fn,
+                    reduce_fn=layout.pool_reduce_fn,
                     num_interleaved=bsz,
                 )
                 in_pool_TR = in_pool_DR.index_select(0, doc_ids_T) if collect_metrics else None
             else:
                 in_pool_TR = document_pool_mask(
-                    routed_logits_TR, doc_ids_T, pool_sizes_D, reduce_fn=self._pool_reduce_fn
+                    routed_logits_TR, doc_ids_T, pool_sizes_D, reduce_fn=layout.pool_reduce_fn
                 )
         else:
             in_pool_TR = torch.ones_like(routed_logits_TR, dtype=torch.bool)
             if collect_metrics:
-                doc_ids_T, _ = self._document_ids_and_pools(seq_length, bsz, logits.device)
+                doc_ids_T, _ = self._document_ids_and_pools(docs, seq_length, bsz, logits.device)
                 pool_sizes_D = torch.full(
                     (docs.num_docs,), self.num_routed_experts, device=logits.device
                 )
@@ -249,15 +246,14 @@ class EMORouter(TopKRouter):
             # On the pool-masked routed logits both paths return; rides on probs like the
             # balancing loss.
             z = z_loss(result.masked_logits, valid_T=valid_T)
-            z = z * (self.z_coeff / self.tp_cp_group.size())
+            z = z * layout.loss_share(self.z_coeff)
             probs_TX = self._attach_aux_loss(probs_TX, z, "z_loss", self.z_coeff, valid_T)
         if collect_metrics:
-            self._record_metrics(
-                routing_metrics(
-                    result.scores, result.routed_map, in_pool_TR, doc_ids_T, pool_sizes_D,
-                    reduce_fn=self._pool_reduce_fn,
-                )
+            metrics = routing_metrics(
+                result.scores, result.routed_map, in_pool_TR, doc_ids_T, pool_sizes_D,
+                reduce_fn=layout.pool_reduce_fn,
             )
+            tracker.record(self.layer_number, metrics, layout)
 
         if self.config.moe_expert_capacity_factor is not None:
             # Capacity applies among the routed columns only: the shared experts take every
@@ -274,9 +270,9 @@ class EMORouter(TopKRouter):
             routing_map_TX = torch.cat([dropped_map_TR, routing_map_TX[:, num_routed:]], dim=1)
 
         if with_losses and self.lb_coeff > 0:
-            load_R1 = expert_load(result.routed_map, reduce_fn=self._lb_reduce_fn, valid_T=valid_T)
+            load_R1 = expert_load(result.routed_map, reduce_fn=layout.lb_reduce_fn, valid_T=valid_T)
             if self.config.emo_lb_accumulate_microbatches:
-                load_R1 = self._accumulate_step_load(load_R1)
+                load_R1 = self._accumulate_step_load(load_R1, docs)
             lb = load_balancing_loss(
                 result.scores,
                 result.routed_map,
@@ -284,10 +280,8 @@ class EMORouter(TopKRouter):
                 valid_T=valid_T,
                 load_R1=load_R1,
             )
-            # The rank's share (local mean scores, global counts), divided by the TP x CP ranks
-            # whose router-weight gradients are summed (SP) or averaged with DP (CP), so that
-            # DP gradient averaging yields the gradient of the global loss (see routing/losses).
-            lb = lb * (self.lb_coeff / self.tp_cp_group.size())
+            # The rank's share (local mean scores, global counts): see RoutingLayout.loss_share.
+            lb = lb * layout.loss_share(self.lb_coeff)
             probs_TX = self._attach_aux_loss(
                 probs_TX, lb, "load_balancing_loss", self.lb_coeff, valid_T
             )
@@ -340,17 +334,10 @@ class EMORouter(TopKRouter):
             return None
         return fused
 
-    def _record_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
-        """Adds one micro-batch's routing diagnostics to the running sums (no host sync)."""
-        for name, value in metrics.items():
-            value = value.detach()
-            prev = self.routing_metric_sums.get(name)
-            self.routing_metric_sums[name] = value if prev is None else prev + value
-        self.routing_metric_count += 1
-
-    def _accumulate_step_load(self, load_R1: torch.Tensor) -> torch.Tensor:
+    def _accumulate_step_load(
+        self, load_R1: torch.Tensor, docs: DocumentBatch | None
+    ) -> torch.Tensor:
         """Adds a micro-batch's expert load to the step's running load and returns the total."""
-        docs = current_documents()
         if docs is None:
             raise RuntimeError(
                 "emo_lb_accumulate_microbatches needs the iteration from routing_context to know "
@@ -383,10 +370,10 @@ class EMORouter(TopKRouter):
                 loss.detach() / coeff,
                 layer_number,
                 self.config.num_layers,
-                reduce_group=self.tp_cp_group,
+                reduce_group=self.layout.loss_group,
                 needs_dp_avg=True,
             )
         if self.calculate_per_token_loss:
             num_local = valid_T.sum() if valid_T is not None else activation.shape[0]
-            loss = loss * num_local * self.tp_cp_group.size()
+            loss = loss * num_local * self.layout.num_loss_ranks
         return MoEAuxLossAutoScaler.apply(activation, loss)

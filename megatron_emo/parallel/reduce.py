@@ -26,7 +26,7 @@ def all_reduce_fn(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor], t
     Returns:
         ``fn(x) -> sum over group of x`` (a new tensor; ``x`` is not modified), or None.
     """
-    if group is None or dist.get_world_size(group) == 1:
+    if group is None or group.size() == 1:
         return None
 
     def _all_reduce(x: torch.Tensor) -> torch.Tensor:

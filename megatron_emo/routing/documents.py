@@ -105,14 +105,11 @@ class DocumentBatch:
         doc_keys: ``(D,)`` int64 global key of each document segment (for example the dataset's
             global document index); seeds the pool-size draw, so equal keys get equal pools.
         iteration: the training iteration, the other counter of the pool-size draw.
-        collect_metrics: whether the routers record routing diagnostics for this micro-batch
-            (``megatron_emo.routing.metrics``); off by default so the hot path stays lean.
     """
 
     doc_ids: torch.Tensor
     doc_keys: torch.Tensor
     iteration: int
-    collect_metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.doc_ids.dim() != 2:
@@ -131,5 +128,4 @@ class DocumentBatch:
             self.doc_ids.to(device, non_blocking=True),
             self.doc_keys.to(device, non_blocking=True),
             self.iteration,
-            self.collect_metrics,
         )

@@ -96,7 +96,7 @@ def _expected_full(router, hidden, docs):
 
 
 def _split_documents(rank: int, world_size: int, mode: str) -> None:
-    from megatron_emo.mcore import routing_context
+    from megatron_emo.mcore import RoutingMetricsTracker, routing_context
     from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
     from megatron_emo.routing import DocumentBatch, document_pool_mask, sample_pool_sizes
 
@@ -114,9 +114,10 @@ def _split_documents(rank: int, world_size: int, mode: str) -> None:
     half = seq // 2
     shard = slice(rank * half, (rank + 1) * half)
     shard_ids = docs.doc_ids[:, shard] if mode == "cp" else docs.doc_ids  # CP: the step slices
-    docs = DocumentBatch(shard_ids, docs.doc_keys, docs.iteration, collect_metrics=True)
+    docs = DocumentBatch(shard_ids, docs.doc_keys, docs.iteration)
+    metrics = RoutingMetricsTracker()
     router.train()
-    with routing_context(docs):
+    with routing_context(docs, metrics=metrics):
         probs, routing_map = router(hidden[shard])
     rows = slice(rank * half * bsz, (rank + 1) * half * bsz)  # router order is [s, b]
     assert torch.equal(routing_map, exp_map[rows])
@@ -135,7 +136,7 @@ def _split_documents(rank: int, world_size: int, mode: str) -> None:
     whole_doc = routing_metrics(full.scores, full.routed_map, in_pool_TR, full_ids_T, pools_D)
     assert set(full_ids_T[rows].tolist()) != set(range(docs.num_docs))  # some doc not on shard
     for name in ("pool_size_mean", "experts_per_document", "document_routing_entropy"):
-        torch.testing.assert_close(router.routing_metric_sums[name], whole_doc[name], msg=name)
+        torch.testing.assert_close(metrics.sums(1)[name], whole_doc[name], msg=name)
 
     # Sensitivity: pools computed from this shard alone differ from whole-document pools.
     whole = in_pool_TR[rows]

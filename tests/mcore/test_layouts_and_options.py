@@ -32,7 +32,7 @@ from helpers import (
     tiny_batch,
     tiny_config,
 )
-from megatron_emo.mcore import routing_context
+from megatron_emo.mcore import RoutingMetricsTracker, routing_context
 from megatron_emo.routing import (
     document_pool_mask,
     load_balancing_loss,
@@ -276,18 +276,20 @@ def test_router_forward_and_backward_make_no_host_sync(collect_metrics):
     model = build_tiny_gpt(config)
     router = model.decoder.layers[0].mlp.router
     tokens, _, _, docs = tiny_batch()
-    docs = type(docs)(docs.doc_ids, docs.doc_keys, docs.iteration, collect_metrics)
+    metrics = RoutingMetricsTracker() if collect_metrics else None
     hidden = torch.randn(tokens.shape[1], tokens.shape[0], config.hidden_size, requires_grad=True)
     padding_SB = torch.zeros(tokens.shape[1], tokens.shape[0], dtype=torch.bool)
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(()))
     router.train()
     for padding_mask in (None, padding_SB):
         probe = _NoHostSync()
-        with routing_context(docs), probe:
+        with routing_context(docs, metrics=metrics), probe:
             probs, _ = router(hidden, padding_mask)
             probs.sum().backward()
         assert probe.calls == [], probe.calls
     assert router.weight.grad.abs().sum() > 0
+    if metrics is not None:  # both calls recorded their diagnostics
+        assert metrics.count(router.layer_number) == 2
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -18,8 +18,7 @@ import torch
 from megatron.core.transformer.moe import moe_logging
 
 from helpers import build_tiny_gpt, capture_router_io, tiny_batch, tiny_config
-from megatron_emo.mcore import EMOTransformerConfig, routing_context
-from megatron_emo.routing import DocumentBatch
+from megatron_emo.mcore import EMOTransformerConfig, RoutingMetricsTracker, routing_context
 
 pytest.importorskip("triton")
 
@@ -51,9 +50,9 @@ def _run(
     model = build_tiny_gpt(config, seed=5)
     records = capture_router_io(model)
     tokens, position_ids, mask, docs = tiny_batch()
-    docs = DocumentBatch(docs.doc_ids, docs.doc_keys, docs.iteration, collect_metrics)
+    emo_metrics = RoutingMetricsTracker() if collect_metrics else None
     model.train()
-    with routing_context(docs):
+    with routing_context(docs, metrics=emo_metrics):
         loss = model(tokens, position_ids, mask, labels=tokens)
     loss.float().mean().backward()
     tracker = moe_logging.get_moe_metrics_tracker().metrics
@@ -62,7 +61,7 @@ def _run(
         records=records,
         losses={k: tracker[k].values.clone() for k in ("load_balancing_loss", "z_loss")},
         grads=[r.weight.grad.clone() for r in routers],
-        metrics=[dict(r.routing_metric_sums) for r in routers],
+        metrics=[emo_metrics.sums(r.layer_number) if emo_metrics else {} for r in routers],
     )
 
 

@@ -48,7 +48,7 @@ def _build(prefix: str, *, inter_document_masking: bool = True, num_samples: int
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    from megatron_emo.training.data import EMOGPTDataset
+    from megatron_emo.training.dataset import EMOGPTDataset
 
     config = GPTDatasetConfig(
         random_seed=5,
@@ -110,7 +110,7 @@ def test_document_cut_at_window_edge_keeps_its_key(corpus):
     # Without shuffling the sample order, window i+1 continues window i's last document.
     dataset[0]  # loads the (possibly lazily mapped) indices
     dataset.shuffle_index = np.arange(len(dataset), dtype=np.int64)
-    from megatron_emo.training.data import documents_from_batch
+    from megatron_emo.training.dataset import documents_from_batch
 
     found = 0
     for idx in range(len(dataset) - 1):
@@ -128,7 +128,7 @@ def test_document_cut_at_window_edge_keeps_its_key(corpus):
 
 
 def test_documents_from_batch_dense_ids_and_blend_keys():
-    from megatron_emo.training.data import DATASET_KEY_SHIFT, documents_from_batch
+    from megatron_emo.training.dataset import DATASET_KEY_SHIFT, documents_from_batch
 
     segments = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 1]])
     keys = torch.tensor([[7, 8, 9, -1, -1, -1], [9, 4, -1, -1, -1, -1]])
@@ -144,7 +144,7 @@ def test_documents_from_batch_dense_ids_and_blend_keys():
 
 def test_attention_mask_agrees_with_documents(corpus):
     """The block-causal mask allows exactly same-document, non-future positions."""
-    from megatron_emo.training.data import document_attention_mask, documents_from_batch
+    from megatron_emo.training.dataset import document_attention_mask, documents_from_batch
 
     prefix, _ = corpus
     dataset = _build(prefix)
@@ -162,7 +162,7 @@ def test_attention_mask_agrees_with_documents(corpus):
 
 
 def test_token_segments_padding_and_extra_token():
-    from megatron_emo.training.data import token_segments
+    from megatron_emo.training.dataset import token_segments
 
     # 3 parts fetched for S=8 plus the label-only extra token (in the last part).
     assert token_segments([3, 4, 2], seq_length=8, add_extra_token=True).tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
@@ -179,7 +179,7 @@ def test_mock_dataset_samples_carry_documents():
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    from megatron_emo.training.data import EMOMockGPTDataset
+    from megatron_emo.training.dataset import EMOMockGPTDataset
 
     config = GPTDatasetConfig(
         random_seed=1, sequence_length=SEQ, blend=None, split="100,0,0", tokenizer=_Tokenizer(),
