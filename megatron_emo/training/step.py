@@ -2,9 +2,11 @@
 
 Every micro-batch's forward runs inside ``routing_context`` with the micro-batch's documents
 (and, on logging steps, the metrics tracker of ``EMOTrainingStep``), on every pipeline stage
-(middle stages read the same deterministic sample stream for the document ids). With ``--dataloader-inter-document-masking`` attention is restricted to each document:
-an explicit block-causal mask on the local spec, packed THD sequences (``cu_seqlens``) with
-Transformer Engine, so attention and routing agree on every boundary.
+(middle stages read the same deterministic sample stream for the document ids). With
+``--dataloader-inter-document-masking`` attention is restricted to each document: an explicit
+block-causal mask on the local spec, packed THD sequences (``cu_seqlens``) with Transformer
+Engine, so attention and routing agree on every boundary. Which TP rank reads the batch and
+how CP shards it is the rank's ``BatchLayout`` (``megatron_emo.parallel``).
 
 Megatron symbols: ``training.{get_args, get_timers, get_tokenizer, get_tensorboard_writer}``,
 ``training.utils.{get_blend_and_blend_per_split, print_rank_0}``,
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -160,9 +161,11 @@ class EMOTrainingStep:
         self._layout: BatchLayout | None = None
 
     def _metrics_writer(self, args):
-        """Megatron's writer on the last rank; on the first TP x DP x CP rank of every other
-        pipeline stage a writer of its own in the same directory (TensorBoard merges the
-        files)."""
+        """This rank's TensorBoard writer for the routing diagnostics, or None.
+
+        Megatron's writer on the last rank; on the first TP x DP x CP rank of every other
+        pipeline stage a writer of its own in the same directory (TensorBoard merges the files).
+        """
         writer = get_tensorboard_writer()
         if writer is not None or not args.tensorboard_dir:
             return writer

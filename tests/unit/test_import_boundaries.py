@@ -85,6 +85,19 @@ def test_routing_sources_have_no_forbidden_imports() -> None:
         assert not _uses_torch_distributed_attribute(path), f"{name} uses torch.distributed"
 
 
+def test_parallel_layer_imports_no_megatron() -> None:
+    """``parallel/`` (collectives and layouts) sits below the Megatron adapters (STYLE rule 1)."""
+    parallel_dir = os.path.join(REPO_ROOT, "megatron_emo", "parallel")
+    files = sorted(f for f in os.listdir(parallel_dir) if f.endswith(".py"))
+    assert "layout.py" in files
+    for name in files:
+        for module in _imported_modules(os.path.join(parallel_dir, name)):
+            assert not module.startswith(("megatron.", "transformer_engine")), (
+                f"parallel/{name} imports {module}"
+            )
+            assert module != "megatron", f"parallel/{name} imports megatron"
+
+
 def _uses_torch_distributed_attribute(path: str) -> bool:
     """True if the code (not docstrings) touches ``torch.distributed`` as an attribute."""
     with open(path) as f:
