@@ -41,7 +41,7 @@ def test_every_config_field_has_exactly_one_flag_with_its_default_and_docstring(
     parser = add_emo_args(argparse.ArgumentParser())
     by_dest = _actions_by_dest(parser)
     fields = _emo_fields(EMOTransformerConfig)
-    assert len(fields) == 11
+    assert len(fields) >= 11  # the released ones; a new field needs no edit here
     for field in fields:
         actions = by_dest[field.name]
         assert len(actions) == 1, field.name
