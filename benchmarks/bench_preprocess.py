@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 def write_scaled_corpus(path: str, target_mb: float) -> tuple[int, int]:
     """Repeats the sample corpus (ids made unique) until ``target_mb``; returns (docs, bytes)."""
-    from megatron_emo.data import sample_corpus_files
+    from megatron_emo.preprocessing import sample_corpus_files
 
     lines = []
     for corpus_file in sample_corpus_files():
@@ -55,7 +55,7 @@ def run_once(input_path: str, tokenizer_model: str, workers: int, out_dir: str) 
     code = (
         "import json, resource, sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "from megatron_emo.data.preprocess import preprocess_jsonl\n"
+        "from megatron_emo.preprocessing.preprocess import preprocess_jsonl\n"
         f"s = preprocess_jsonl([{input_path!r}], output_prefix={out_dir + '/bench'!r},\n"
         f"    tokenizer_type='SentencePieceTokenizer', tokenizer_model={tokenizer_model!r},\n"
         f"    metadata_keys=('domain', 'source', 'id'), workers={workers}, progress=False)\n"
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         num_docs, num_bytes = write_scaled_corpus(input_path, args.target_mb)
         tokenizer_model = args.tokenizer_model
         if tokenizer_model is None:
-            from megatron_emo.data import sample_corpus_files
-            from megatron_emo.data.tokenizer_training import train_sentencepiece
+            from megatron_emo.preprocessing import sample_corpus_files
+            from megatron_emo.preprocessing.tokenizer_training import train_sentencepiece
 
             tokenizer_model = train_sentencepiece(
                 sample_corpus_files(), output_prefix=os.path.join(workdir, "tok"),

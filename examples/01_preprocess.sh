@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT_DIR=${OUT_DIR:-runs/data}
 NAME=${NAME:-emo_sample}
-INPUTS=${INPUTS:-megatron_emo/data/sample_corpus/*.jsonl.gz}
+INPUTS=${INPUTS:-megatron_emo/preprocessing/sample_corpus/*.jsonl.gz}
 VOCAB_SIZE=${VOCAB_SIZE:-8192}
 WORKERS=${WORKERS:-1}
 TOKENIZER_PREFIX=${TOKENIZER_PREFIX:-$OUT_DIR/tokenizer}

@@ -25,7 +25,7 @@ if [ -z "${EXAMPLES:-}" ]; then
     "$PY" - "$TOKENIZER_MODEL" "$DOMAIN" "$NUM_EXAMPLES" "$EXAMPLES" <<'PY'
 import gzip, json, sys
 import sentencepiece as spm
-from megatron_emo.data import sample_corpus_files
+from megatron_emo.preprocessing import sample_corpus_files
 model, domain, num, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 sp = spm.SentencePieceProcessor(model_file=model)
 records = []

@@ -1,6 +1,6 @@
 """Rebuild the embedded sample corpus deterministically (fixed seeds, sorted inputs, gzip mtime 0).
 
-    python tools/build_sample_corpus.py                      # -> megatron_emo/data/sample_corpus/
+    python tools/build_sample_corpus.py             # -> megatron_emo/preprocessing/sample_corpus/
     python tools/build_sample_corpus.py /tmp/corpus --domains math narrative
 """
 
@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv: list[str] | None = None) -> int:
     """Builds the corpus; returns the process exit code."""
-    from megatron_emo.data import SAMPLE_CORPUS_DIR
-    from megatron_emo.data.corpus_builder import DOMAINS, build_sample_corpus
+    from megatron_emo.preprocessing import SAMPLE_CORPUS_DIR
+    from megatron_emo.preprocessing.corpus_builder import DOMAINS, build_sample_corpus
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

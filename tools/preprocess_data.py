@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser (Megatron-LM ``tools/preprocess_data.py`` flag names)."""
-    from megatron_emo.data.tokenizers import SUPPORTED_TOKENIZER_TYPES
+    from megatron_emo.preprocessing.tokenizers import SUPPORTED_TOKENIZER_TYPES
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs the preprocessing; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    from megatron_emo.data.preprocess import (
+    from megatron_emo.preprocessing.preprocess import (
         BadRecordError,
         EmptyDatasetError,
         format_summary,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.input_format == "npy":
-            from megatron_emo.data.token_arrays import convert_token_arrays
+            from megatron_emo.preprocessing.token_arrays import convert_token_arrays
 
             if args.eos_id is None or args.vocab_size is None:
                 raise ValueError("--input-format npy needs --eos-id and --vocab-size")

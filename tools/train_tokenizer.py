@@ -2,7 +2,7 @@
 
 Writes ``P.model`` and ``P.vocab`` with unk=0, bos=1, eos=eod=2, pad=3.
 
-    python tools/train_tokenizer.py --input megatron_emo/data/sample_corpus/*.jsonl.gz \
+    python tools/train_tokenizer.py --input megatron_emo/preprocessing/sample_corpus/*.jsonl.gz \
         --vocab-size 8192 --output-prefix runs/tokenizer/emo_sample
 """
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="trainer threads (default 1: reproducible)")
     args = parser.parse_args(argv)
 
-    from megatron_emo.data.tokenizer_training import SPECIAL_IDS, train_sentencepiece
+    from megatron_emo.preprocessing.tokenizer_training import SPECIAL_IDS, train_sentencepiece
 
     start = time.perf_counter()
     try:

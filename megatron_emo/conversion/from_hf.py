@@ -36,7 +36,7 @@ import torch
 
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.hf_config import EmoShape, shape_from_hf_config
-from megatron_emo.conversion.hf_io import HFWeights
+from megatron_emo.conversion.hf_io import HFWeights, dtype_from_name
 from megatron_emo.conversion.key_map import (SHARED_ROUTER_ROWS_KEY, Mapping, expand_mappings,
                                              hf_shapes, mcore_num_experts, mcore_shape,
                                              padding_for_ep, to_mcore_tensor)
@@ -45,8 +45,6 @@ from megatron_emo.conversion.torch_dist_writer import (TensorChunk, extra_state_
                                                        write_torch_dist)
 
 __all__ = ["check_parallel_layout", "import_from_hf", "resolve_shared_layout", "training_flags"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Layer-level modules whose ``_extra_state`` Megatron stores as one ShardedObject per layer
 # (``pre_mlp_layernorm``: only the Transformer Engine MoE spec has it as its own module).
@@ -185,8 +183,8 @@ def import_from_hf(hf_dir: str, output_dir: str, *, tp: int = 1, ep: int = 1,
     check_parallel_layout(shape, layout, tp, ep, num_padding_experts)
     weights = HFWeights(hf_dir)
     _check_hf_tensors(weights, shape, hf_dir)
-    params_dtype = _DTYPES[dtype] if dtype else weights.dtype("model.embed_tokens.weight")
-    out_dtype = _DTYPES[dtype] if dtype else None
+    out_dtype = dtype_from_name(dtype) if dtype else None
+    params_dtype = out_dtype or weights.dtype("model.embed_tokens.weight")
     n_experts = mcore_num_experts(shape, layout, num_padding_experts)
     mappings = expand_mappings(shape, layout, num_padding_experts)
     chunks = [c for m in mappings

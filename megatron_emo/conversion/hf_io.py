@@ -7,6 +7,7 @@ pages would count as resident for the whole file). Writing goes through one byte
 memory): ``ShardWriter`` buffers one shard when shapes are not known in advance,
 ``StreamingShardWriter`` plans every shard up front and keeps no tensor after ``add`` returns. Both
 lay out identical bytes for the same tensors in the same order and shard limit.
+``dtype_from_name`` is the one table of the dtypes a conversion or a loaded model can take.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["HFWeights", "ShardWriter", "StreamingShardWriter", "copy_tokenizer", "shard_plan"]
+__all__ = ["DTYPES", "HFWeights", "ShardWriter", "StreamingShardWriter", "copy_tokenizer",
+           "dtype_from_name", "shard_plan"]
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -33,6 +35,26 @@ _ST_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a conversion (``--dtype``) or a loaded HF model can take, by name."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` in ``DTYPES``.
+
+    Args:
+        name: ``float32``, ``bfloat16`` or ``float16``.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: for any other name, naming it and the allowed ones.
+    """
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
 

@@ -20,14 +20,12 @@ import torch
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.hf_config import (copy_modeling_files, write_config,
                                                write_generation_config)
-from megatron_emo.conversion.hf_io import StreamingShardWriter, copy_tokenizer
+from megatron_emo.conversion.hf_io import StreamingShardWriter, copy_tokenizer, dtype_from_name
 from megatron_emo.conversion.key_map import (SHARED_ROUTER_ROWS_KEY, expand_mappings,
                                              hf_shapes_for, mcore_num_experts, to_hf_tensors)
 from megatron_emo.conversion.staging import staged_output_dir
 
 __all__ = ["export_to_hf"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _check_stored(stored: dict, mappings, shape, layout: str, num_padding: int) -> None:
@@ -110,7 +108,7 @@ def export_to_hf(checkpoint: str, output_dir: str, *, max_shard_bytes: int = 2 *
             target = ", ".join(m.hf) if m.hf else "(padding expert, dropped)"
             print_fn(f"{m.mcore} [{key}{list(index)}] --{m.op}--> {target}")
         return {}
-    out_dtype = _DTYPES[dtype] if dtype else None
+    out_dtype = dtype_from_name(dtype) if dtype else None
     mappings = [m for m in mappings if m.op != "zeros"]
     entries = []
     for m in mappings:

@@ -35,7 +35,7 @@ CONTINUATION_CHARS = 64
 
 def read_corpus_domains(files: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Document texts per domain of the embedded corpus (or of ``files``), in file order."""
-    from megatron_emo.data import sample_corpus_files
+    from megatron_emo.preprocessing import sample_corpus_files
 
     docs: dict[str, list[str]] = {}
     for path in files or sample_corpus_files():

@@ -1,5 +1,7 @@
 """``EMOTransformerConfig``: Megatron's ``TransformerConfig`` plus the ``emo_*`` fields.
 
+Each field's attribute docstring is also its ``--emo-*`` flag's help (``training/arguments.py``).
+
 Megatron symbols: ``megatron.core.transformer.transformer_config.TransformerConfig``.
 """
 
@@ -29,8 +31,9 @@ class EMOTransformerConfig(TransformerConfig):
     """
 
     emo_routing: Literal["emo", "standard"] = "emo"
-    """'emo': document pools; 'standard': the same router with pools off (the standard-MoE
-    baseline: softmax over all routed experts, same shared expert and load balancing)."""
+    """'emo': every token routes inside its document's expert pool; 'standard': the same router
+    with pools off (the standard-MoE baseline: softmax over all routed experts, same shared expert
+    and load balancing)."""
 
     emo_pool_size_min: int = 8
     """Smallest pool size drawn per document in training (routed experts, inclusive)."""
@@ -43,11 +46,16 @@ class EMOTransformerConfig(TransformerConfig):
     """Pool size of every document in evaluation."""
 
     emo_num_shared_experts: int = 0
-    """Shared experts inside the router: the last router columns, always selected, weight 1.0."""
+    """Shared experts inside the router: the last router columns, always selected, weight 1.0.
+    They count in ``num_moe_experts`` (``--num-experts``) and ``moe_router_topk``
+    (``--moe-router-topk``). At expert-parallel size > 1 they overload one expert-parallel rank:
+    use ``--moe-shared-expert-intermediate-size`` with ``--emo-num-padding-experts`` instead."""
 
     emo_num_padding_experts: int = 0
-    """Never-routed experts between the routed and the shared columns, so that the expert count
-    divides the expert-parallel size without an always-busy expert (``(-R) mod EP``). They are
+    """Never-routed experts between the routed and the shared columns, counted in
+    ``num_moe_experts`` (``--num-experts``), so that the expert count divides the expert-parallel
+    size without an always-busy expert: ``(-R) mod EP`` for R routed experts (EMO 1B14B at EP 8:
+    127 routed + 1 padding with ``--moe-shared-expert-intermediate-size 1024``). They are
     ordinary Megatron experts (weights exist, EP-sharded like the others) that are left out of
     pools, scores, top-k, the losses, the expert bias and the metrics: they receive no token and
     no gradient, and neither do their router rows."""
@@ -56,7 +64,7 @@ class EMOTransformerConfig(TransformerConfig):
     """Seed of the counter-based pool-size draw, keyed by (seed, iteration, layer, document)."""
 
     emo_renormalize_probs: bool = False
-    """Renormalise the chosen routed weights to sum 1 (EMO does not)."""
+    """Renormalise the chosen routed weights to sum to 1 (EMO does not)."""
 
     emo_lb_accumulate_microbatches: bool = False
     """Balance over all micro-batches of the step seen so far (running counts, reset when the
@@ -69,7 +77,9 @@ class EMOTransformerConfig(TransformerConfig):
 
     emo_scale_aux_loss_by_num_layers: bool = True
     """Divide ``moe_aux_loss_coeff`` and ``moe_z_loss_coeff`` by the number of MoE layers, so the
-    flags give the total weight (EMO: 0.1 and 1e-3 over 16 layers, 0.00625 and 6.25e-5 each)."""
+    flags give the total weight (EMO: 0.1 and 1e-3 over 16 layers, 0.00625 and 6.25e-5 each).
+    ``--emo-no-scale-aux-loss-by-num-layers`` applies ``--moe-aux-loss-coeff`` and
+    ``--moe-z-loss-coeff`` per layer instead."""
 
     def __post_init__(self) -> None:
         if self.moe_router_dtype is None:
@@ -78,7 +88,9 @@ class EMOTransformerConfig(TransformerConfig):
             self.moe_router_dtype = "fp32"
         super().__post_init__()
         if not self.num_moe_experts:
-            raise ValueError(f"EMO routing needs an MoE model: num_moe_experts is {self.num_moe_experts}")
+            raise ValueError(
+                f"EMO routing needs an MoE model: num_moe_experts is {self.num_moe_experts}"
+            )
         if self.emo_routing not in ("emo", "standard"):
             raise ValueError(f"emo_routing must be 'emo' or 'standard', got {self.emo_routing!r}")
         num_shared = self.emo_num_shared_experts
@@ -141,7 +153,9 @@ class EMOTransformerConfig(TransformerConfig):
                 f"must be 'aux_loss' or 'none', got {self.moe_router_load_balancing_type!r}"
             )
         if isinstance(self.moe_aux_loss_coeff, list):
-            raise ValueError(f"moe_aux_loss_coeff must be one number, got {self.moe_aux_loss_coeff}")
+            raise ValueError(
+                f"moe_aux_loss_coeff must be one number, got {self.moe_aux_loss_coeff}"
+            )
         refused = {
             "moe_router_num_groups (group-limited routing)": self.moe_router_num_groups,
             "moe_router_fusion (TE fused top-k cannot apply pools)": self.moe_router_fusion,

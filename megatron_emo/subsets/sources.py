@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_emo.conversion.hf_io import dtype_from_name
+
 __all__ = ["Examples", "examples_from_texts", "is_megatron_checkpoint", "load_examples",
            "load_hf_model", "load_tokenizer", "read_emo_config", "resolve_hf_dir",
            "subsample_indices"]
@@ -76,9 +78,6 @@ def resolve_hf_dir(checkpoint: str, workdir: str, *, tokenizer: str | None = Non
                      f"torch_dist checkpoint (latest_checkpointed_iteration.txt or metadata.json)")
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_hf_model(hf_dir: str, dtype: torch.dtype | str = torch.float32,
                   device: str | torch.device = "cpu"):
     """``EmoForCausalLM`` from an HF directory (its own modeling files), in eval mode.
@@ -92,9 +91,7 @@ def load_hf_model(hf_dir: str, dtype: torch.dtype | str = torch.float32,
 
     read_emo_config(hf_dir)
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
+        dtype = dtype_from_name(dtype)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
                                                  dtype=dtype)
     return model.to(device).eval()

@@ -1,91 +1,122 @@
 """The ``--emo-*`` argparse group and the start-up checks of a training run.
 
-Flags are spelled ``--emo-pool-size-min`` and their ``dest`` equals the ``EMOTransformerConfig``
-field, so ``core_transformer_config_from_args(args, EMOTransformerConfig)`` fills them. The
-checks run right after argument parsing, so contradictory flags fail before any model is built.
+The ``--emo-*`` flags are generated from ``EMOTransformerConfig``'s ``emo_*`` fields, like
+Megatron's ``ArgumentGroupFactory``: the flag is the field name with dashes, its ``dest`` the field,
+so ``core_transformer_config_from_args(args, EMOTransformerConfig)`` fills them; the default is
+the field's, the help its attribute docstring. The checks run right after argument parsing, so
+contradictory flags fail before any model is built.
 
 Megatron symbols: the ``args`` namespace of ``megatron.training.arguments.parse_args``
 (``transformer_impl``, ``clip_grad``, ``use_distributed_optimizer``, ``bf16``, ``fp16``,
 ``fp8``, ``num_experts``, ``context_parallel_size``, ``dataloader_inter_document_masking``,
-``masked_softmax_fusion``).
+``masked_softmax_fusion``); ``training.argument_utils.ArgumentGroupFactory`` (the approach).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import typing
 import warnings
+from typing import Any, Literal
 
+from megatron_emo.mcore.config import EMOTransformerConfig
 from megatron_emo.training.compat import escape_bare_percent_in_help
 
-__all__ = ["add_emo_args", "validate_emo_args"]
+__all__ = ["add_emo_args", "config_flags", "validate_emo_args"]
+
+_PREFIX = "emo_"
 
 
-def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def _field_docstrings(config_cls: type) -> dict[str, str]:
+    """Attribute docstrings of the ``emo_*`` fields of ``config_cls`` and its bases.
+
+    Whitespace is collapsed and RST literal quotes are dropped; a subclass's docstring wins.
+    """
+    docs: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):
+        if not any(n.startswith(_PREFIX) for n in cls.__dict__.get("__annotations__", {})):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, doc in itertools.pairwise(body):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)):
+                text = " ".join(inspect.cleandoc(doc.value.value).split())
+                docs[node.target.id] = text.replace("``", "")
+    return docs
+
+
+def config_flags(
+    config_cls: type[EMOTransformerConfig] = EMOTransformerConfig,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The flag of every ``emo_*`` field of ``config_cls``, in field order.
+
+    ``emo_pool_size_min: int = 8`` gives ``--emo-pool-size-min`` (``type=int``); a ``Literal``
+    gives ``choices``; a bool defaulting to False gives a ``store_true`` flag, one defaulting to
+    True a ``store_false`` flag with ``no-`` after the prefix
+    (``emo_scale_aux_loss_by_num_layers`` -> ``--emo-no-scale-aux-loss-by-num-layers``).
+
+    Args:
+        config_cls: ``EMOTransformerConfig`` or a subclass.
+
+    Returns:
+        ``(flag, add_argument keyword arguments)`` pairs; ``dest`` is the field name, ``default``
+        the field default, ``help`` the field's attribute docstring.
+
+    Raises:
+        TypeError: for a field without a default or docstring, or of a type argparse cannot take.
+    """
+    hints = typing.get_type_hints(config_cls)
+    docs = _field_docstrings(config_cls)
+    flags = []
+    for field in dataclasses.fields(config_cls):
+        name = field.name
+        if not name.startswith(_PREFIX):
+            continue
+        if field.default is dataclasses.MISSING or name not in docs:
+            raise TypeError(f"{config_cls.__name__}.{name} needs a default and an attribute "
+                            "docstring (its flag's default and help)")
+        kwargs: dict[str, Any] = {"dest": name, "default": field.default, "help": docs[name]}
+        flag = "--" + name.replace("_", "-")
+        hint = hints[name]
+        if hint is bool:
+            kwargs["action"] = "store_false" if field.default else "store_true"
+            if field.default:
+                flag = "--emo-no-" + name.removeprefix(_PREFIX).replace("_", "-")
+        elif typing.get_origin(hint) is Literal:
+            choices = list(typing.get_args(hint))
+            kwargs.update(type=type(choices[0]), choices=choices)
+        elif hint in (int, float, str):
+            kwargs["type"] = hint
+        else:
+            raise TypeError(f"{config_cls.__name__}.{name}: no flag for type {hint}")
+        flags.append((flag, kwargs))
+    return flags
+
+
+def add_emo_args(
+    parser: argparse.ArgumentParser,
+    *,
+    config_cls: type[EMOTransformerConfig] = EMOTransformerConfig,
+) -> argparse.ArgumentParser:
     """Adds the ``--emo-*`` group and ``--cpu`` (Megatron's ``extra_args_provider``).
 
     Args:
         parser: Megatron's argument parser.
+        config_cls: the config whose ``emo_*`` fields become flags (see ``config_flags``).
 
     Returns:
         ``parser``.
     """
     group = parser.add_argument_group(title="EMO document-pool routing")
-    group.add_argument(
-        "--emo-routing", choices=["emo", "standard"], default="emo", dest="emo_routing",
-        help="'emo': every token routes inside its document's expert pool; 'standard': the "
-        "same router without pools (the standard-MoE baseline).",
-    )
-    group.add_argument(
-        "--emo-pool-size-min", type=int, default=8, dest="emo_pool_size_min",
-        help="Smallest pool size (routed experts) drawn per document in training.",
-    )
-    group.add_argument(
-        "--emo-pool-size-max", type=int, default=128, dest="emo_pool_size_max",
-        help="Largest pool size drawn per document in training (inclusive).",
-    )
-    group.add_argument(
-        "--emo-pool-size-eval", type=int, default=32, dest="emo_pool_size_eval",
-        help="Pool size of every document in evaluation.",
-    )
-    group.add_argument(
-        "--emo-num-shared-experts", type=int, default=0, dest="emo_num_shared_experts",
-        help="Always-on experts in the router's last columns (weight 1.0); counted in "
-        "--num-experts and --moe-router-topk. At EP > 1 they overload one expert-parallel "
-        "rank: use --moe-shared-expert-intermediate-size with --emo-num-padding-experts instead.",
-    )
-    group.add_argument(
-        "--emo-num-padding-experts", type=int, default=0, dest="emo_num_padding_experts",
-        help="Never-routed experts after the routed ones (before any in-router shared expert), "
-        "counted in --num-experts, so that it divides --expert-model-parallel-size: (-R) mod EP "
-        "for R routed experts. They get no tokens, no gradient and no place in pools, losses or "
-        "metrics. EMO 1B14B at EP 8: 127 routed + 1 padding with "
-        "--moe-shared-expert-intermediate-size 1024.",
-    )
-    group.add_argument(
-        "--emo-pool-size-seed", type=int, default=12536, dest="emo_pool_size_seed",
-        help="Seed of the counter-based pool-size draw (seed, iteration, layer, document).",
-    )
-    group.add_argument(
-        "--emo-renormalize-probs", action="store_true", dest="emo_renormalize_probs",
-        help="Renormalise the chosen routed weights to sum to 1 (EMO does not).",
-    )
-    group.add_argument(
-        "--emo-lb-accumulate-microbatches", action="store_true",
-        dest="emo_lb_accumulate_microbatches",
-        help="Balance over the micro-batches of the step seen so far, not each one alone.",
-    )
-    group.add_argument(
-        "--emo-router-fusion", choices=["auto", "on", "off"], default="auto",
-        dest="emo_router_fusion",
-        help="Fused Triton EMO routing: 'auto' on CUDA when triton imports (softmax scoring, no "
-        "expert bias), 'on' to require it, 'off' for the pure-torch path.",
-    )
-    group.add_argument(
-        "--emo-no-scale-aux-loss-by-num-layers", action="store_false",
-        dest="emo_scale_aux_loss_by_num_layers",
-        help="Apply --moe-aux-loss-coeff/--moe-z-loss-coeff per layer instead of splitting "
-        "them over the MoE layers.",
-    )
+    for flag, kwargs in config_flags(config_cls):
+        group.add_argument(flag, **kwargs)
+    # Run options, not model config: no EMOTransformerConfig field.
     group.add_argument(
         "--emo-log-routing-metrics", action=argparse.BooleanOptionalAction, default=True,
         dest="emo_log_routing_metrics",
@@ -107,10 +138,13 @@ def add_emo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check_lr_schedule(args: argparse.Namespace) -> None:
-    """Refuses a warm-up that does not end before the decay, which Megatron only meets with a
-    bare ``assert self.lr_warmup_steps < self.lr_decay_steps`` after building the model and
-    optimizer (``core/optimizer_param_scheduler.py:160``; steps from ``training.py:1911-1922``).
-    Iteration-based training only (sample-based runs keep Megatron's check)."""
+    """Refuses a warm-up that does not end before the decay.
+
+    Megatron only meets it with a bare ``assert self.lr_warmup_steps < self.lr_decay_steps``
+    after building the model and optimizer (``core/optimizer_param_scheduler.py:160``; steps
+    from ``training.py:1911-1922``). Iteration-based training only (sample-based runs keep
+    Megatron's check).
+    """
     if not getattr(args, "train_iters", None):
         return
     decay = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
@@ -145,7 +179,9 @@ def validate_emo_args(args: argparse.Namespace, *, te_available: bool) -> None:
     if args.cpu:
         problems = []
         if impl != "local":
-            problems.append(f"--transformer-impl {impl} (use local: Transformer Engine is GPU-only)")
+            problems.append(
+                f"--transformer-impl {impl} (use local: Transformer Engine is GPU-only)"
+            )
         if args.clip_grad and args.clip_grad > 0:
             problems.append(
                 f"--clip-grad {args.clip_grad} (pass --clip-grad 0: megatron's clip_grads.py:174 "

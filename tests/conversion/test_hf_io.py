@@ -1,6 +1,7 @@
 """HF directory I/O without megatron: shard size limits and index, tokenizer export with its
 vocab check (HF ``tokenizer.json``; a sentencepiece ``.model`` file is copied
-as ``tokenizer.model`` without a vocab check, since sentencepiece is not a dependency).
+as ``tokenizer.model`` without a vocab check, since sentencepiece is not a dependency), and the
+``--dtype`` names.
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest tests/conversion/test_hf_io.py -q``
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from megatron_emo.conversion.hf_io import (HFWeights, ShardWriter, StreamingShardWriter,
-                                           copy_tokenizer)
+                                           copy_tokenizer, dtype_from_name)
 
 
 def test_shard_writer_limits_shards_and_indexes_everything(tmp_path):
@@ -126,3 +127,11 @@ def test_sentencepiece_model_file_copied(tmp_path):
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(ValueError, match="not a sentencepiece"):
         copy_tokenizer(str(tmp_path / "x.txt"), str(out), vocab_size=128)
+
+
+def test_dtype_names_and_the_error_that_lists_them():
+    assert dtype_from_name("bfloat16") is torch.bfloat16
+    assert dtype_from_name("float32") is torch.float32
+    with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float16', "
+                                         r"'float32'\], got 'fp8'"):
+        dtype_from_name("fp8")

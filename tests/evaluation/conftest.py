@@ -26,8 +26,8 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory) -> str:
     """A 512-piece sentencepiece model (the project's tokenizer trainer, 2,000 paragraphs)."""
-    from megatron_emo.data import sample_corpus_files
-    from megatron_emo.data.tokenizer_training import train_sentencepiece
+    from megatron_emo.preprocessing import sample_corpus_files
+    from megatron_emo.preprocessing.tokenizer_training import train_sentencepiece
 
     prefix = tmp_path_factory.mktemp("spm") / "tok"
     return train_sentencepiece(sample_corpus_files(), output_prefix=str(prefix), vocab_size=512,

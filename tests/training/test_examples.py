@@ -33,7 +33,7 @@ def test_example_syntax(script):
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> str:
     """A small sentencepiece model trained on the embedded corpus with the project's tool."""
-    from megatron_emo.data import sample_corpus_files
+    from megatron_emo.preprocessing import sample_corpus_files
 
     prefix = tmp_path_factory.mktemp("tok") / "tok"
     subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", *sample_corpus_files()[:2],

@@ -1,7 +1,7 @@
 """Sentencepiece training: Megatron's SentencePieceTokenizer (as megatron.training builds it) loads
 the model with eod=2 and pad=3, training is byte-deterministic, and text round-trips exactly.
 
-    PYTHONPATH=. python -m pytest -x -q tests/data/test_tokenizer_training.py
+    PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_tokenizer_training.py
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from data_helpers import make_records, subprocess_env, write_jsonl
+from preprocessing_helpers import make_records, subprocess_env, write_jsonl
 
-from megatron_emo.data.tokenizer_training import SPECIAL_IDS, train_sentencepiece
-from megatron_emo.data.tokenizers import build_tokenizer
+from megatron_emo.preprocessing.tokenizer_training import SPECIAL_IDS, train_sentencepiece
+from megatron_emo.preprocessing.tokenizers import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

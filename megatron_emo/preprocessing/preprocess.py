@@ -23,8 +23,16 @@ from typing import Literal
 
 import numpy as np
 
-from megatron_emo.data.tokenizers import build_tokenizer_from_args, tokenizer_args, tokenizer_eod_id
-from megatron_emo.data.writer import IndexedDatasetWriter, dataset_prefix, optimal_token_dtype
+from megatron_emo.preprocessing.tokenizers import (
+    build_tokenizer_from_args,
+    tokenizer_args,
+    tokenizer_eod_id,
+)
+from megatron_emo.preprocessing.writer import (
+    IndexedDatasetWriter,
+    dataset_prefix,
+    optimal_token_dtype,
+)
 
 __all__ = [
     "BAD_INPUT_CATEGORIES",

@@ -99,7 +99,7 @@ def train_sentencepiece(
     """
     import sentencepiece as spm
 
-    from megatron_emo.data.preprocess import expand_inputs
+    from megatron_emo.preprocessing.preprocess import expand_inputs
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type ({model_type!r}) must be 'bpe' or 'unigram'")

@@ -1,4 +1,4 @@
-"""Deterministic builder of the embedded multi-domain sample corpus (``data/sample_corpus/``).
+"""Deterministic builder of the embedded multi-domain sample corpus (``sample_corpus/`` here).
 
 Five domains from offline, redistributable text: Python standard-library code and documentation
 (PSF licence), Debian licence/copyright texts, and procedurally generated math worked solutions

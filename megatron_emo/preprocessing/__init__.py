@@ -1,5 +1,8 @@
-"""Data tools: JSONL/token-array preprocessing to Megatron ``IndexedDataset``, tokenizer training,
-and the embedded multi-domain sample corpus (``sample_corpus_files()``)."""
+"""Offline preprocessing: JSONL/token-array files to Megatron ``IndexedDataset``, tokenizer
+training, and the embedded multi-domain sample corpus (``sample_corpus_files()``).
+
+The training-time dataset that reads these files lives in ``megatron_emo/training/``.
+"""
 
 from __future__ import annotations
 

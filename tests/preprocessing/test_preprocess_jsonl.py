@@ -2,7 +2,7 @@
 megatron.training, bad-input categories, reconciliation, fail mode, crash safety, multi-file/gzip
 input and order preservation with 2 workers.
 
-    PYTHONPATH=. python -m pytest -x -q tests/data/test_preprocess_jsonl.py
+    PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_preprocess_jsonl.py
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ import sys
 
 import numpy as np
 import pytest
-from data_helpers import make_records, subprocess_env, write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from preprocessing_helpers import make_records, subprocess_env, write_jsonl
 
-from megatron_emo.data.preprocess import BAD_INPUT_CATEGORIES, BadRecordError, preprocess_jsonl
-from megatron_emo.data.tokenizers import build_tokenizer, tokenizer_eod_id
-from megatron_emo.data.writer import IndexedDatasetWriter
+from megatron_emo.preprocessing.preprocess import (
+    BAD_INPUT_CATEGORIES,
+    BadRecordError,
+    preprocess_jsonl,
+)
+from megatron_emo.preprocessing.tokenizers import build_tokenizer, tokenizer_eod_id
+from megatron_emo.preprocessing.writer import IndexedDatasetWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER_KINDS = ["sentencepiece", "huggingface"]
@@ -247,7 +251,7 @@ def test_missing_input_is_a_value_error(tmp_path, sp_model):
 
 
 def test_tokenizer_error_category(tmp_path, sp_model, monkeypatch):
-    import megatron_emo.data.preprocess as preprocess
+    import megatron_emo.preprocessing.preprocess as preprocess
 
     real_build = preprocess.build_tokenizer_from_args
 

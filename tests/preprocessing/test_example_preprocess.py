@@ -1,7 +1,7 @@
 """examples/01_preprocess.sh: parses with ``bash -n`` and, run for real on the embedded corpus,
 trains a tokenizer and writes a reconciled dataset whose metadata sidecar names all 5 domains.
 
-    PYTHONPATH=. python -m pytest -x -q tests/data/test_example_preprocess.py
+    PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_example_preprocess.py
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 
-from data_helpers import subprocess_env
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from preprocessing_helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "01_preprocess.sh")

@@ -3,7 +3,8 @@ record is skipped, or on an empty token array exits 1 with a message and writes 
 ``--allow-empty`` writes the empty dataset (which Megatron's ``IndexedDataset`` cannot even
 open: numpy refuses to mmap an empty ``.bin``).
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/data/test_preprocess_empty.py -q``
+Run:
+``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/preprocessing/test_preprocess_empty.py -q``
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_emo.data.preprocess import EmptyDatasetError, preprocess_jsonl
+from megatron_emo.preprocessing.preprocess import EmptyDatasetError, preprocess_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

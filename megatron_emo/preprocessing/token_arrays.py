@@ -14,8 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_emo.data.preprocess import check_not_empty, expand_inputs
-from megatron_emo.data.writer import IndexedDatasetWriter, dataset_prefix, optimal_token_dtype
+from megatron_emo.preprocessing.preprocess import check_not_empty, expand_inputs
+from megatron_emo.preprocessing.writer import (
+    IndexedDatasetWriter,
+    dataset_prefix,
+    optimal_token_dtype,
+)
 
 __all__ = ["convert_token_arrays", "open_token_array"]
 

@@ -1,7 +1,7 @@
 """The committed sample corpus: >= 5 domains x >= 300 documents with full records, and the build
 script reproduces it byte for byte (generated domains always; all domains in the slow test).
 
-    PYTHONPATH=. python -m pytest -x -q tests/data/test_sample_corpus.py [-m slow]
+    PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_sample_corpus.py [-m slow]
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sysconfig
 
 import pytest
 
-from megatron_emo.data import SAMPLE_CORPUS_DIR, sample_corpus_files
-from megatron_emo.data.corpus_builder import DOMAINS, build_sample_corpus
+from megatron_emo.preprocessing import SAMPLE_CORPUS_DIR, sample_corpus_files
+from megatron_emo.preprocessing.corpus_builder import DOMAINS, build_sample_corpus
 
 
 def test_committed_corpus_has_five_domains_of_300_documents():

@@ -1,4 +1,4 @@
-"""Fixtures for the data-tool tests: a tiny JSONL corpus, a tiny sentencepiece model and a local
+"""Fixtures for the preprocessing tests: a tiny JSONL corpus, a tiny sentencepiece model and a local
 Hugging Face tokenizer directory (built with ``tokenizers``, no hub access)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import make_records, write_jsonl
+from preprocessing_helpers import make_records, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def training_jsonl(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def sp_model(training_jsonl, tmp_path_factory) -> str:
     """A 400-piece sentencepiece BPE model trained by ``train_sentencepiece``."""
-    from megatron_emo.data.tokenizer_training import train_sentencepiece
+    from megatron_emo.preprocessing.tokenizer_training import train_sentencepiece
 
     prefix = tmp_path_factory.mktemp("sp") / "tiny"
     return train_sentencepiece([training_jsonl], output_prefix=str(prefix), vocab_size=400)

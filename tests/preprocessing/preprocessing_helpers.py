@@ -1,4 +1,4 @@
-"""Helpers shared by the data-tool tests: record generation, JSONL writing, CLI environment."""
+"""Helpers shared by the preprocessing tests: record generation, JSONL writing, CLI environment."""
 
 from __future__ import annotations
 

@@ -1,19 +1,19 @@
 """Flat token arrays (Dolma ``.npy``, raw or with header) -> .bin/.idx: EOS splitting across chunk
 boundaries, trailing fragments, dtype choice, id bounds; and GPTDataset reading our output.
 
-    PYTHONPATH=. python -m pytest -x -q tests/data/test_token_arrays.py
+    PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_token_arrays.py
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import make_records, write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from preprocessing_helpers import make_records, write_jsonl
 
-from megatron_emo.data.preprocess import preprocess_jsonl
-from megatron_emo.data.token_arrays import convert_token_arrays
-from megatron_emo.data.tokenizers import build_tokenizer
+from megatron_emo.preprocessing.preprocess import preprocess_jsonl
+from megatron_emo.preprocessing.token_arrays import convert_token_arrays
+from megatron_emo.preprocessing.tokenizers import build_tokenizer
 
 EOS = 100257
 VOCAB = 100278
