@@ -76,10 +76,18 @@ class EMORouter(TopKRouter):
     one document.
     """
 
-    def __init__(self, config: EMOTransformerConfig, pg_collection=None, is_mtp_layer: bool = False, **kwargs):
+    def __init__(
+        self,
+        config: EMOTransformerConfig,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        **kwargs,
+    ):
         if not isinstance(config, EMOTransformerConfig):
             raise TypeError(f"EMORouter needs an EMOTransformerConfig, got {type(config).__name__}")
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kwargs)
+        super().__init__(
+            config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kwargs
+        )
         self.num_shared_experts = config.emo_num_shared_experts
         self.num_padding_experts = config.emo_num_padding_experts
         self.num_routed_experts = config.emo_num_routed_experts
@@ -108,7 +116,8 @@ class EMORouter(TopKRouter):
             sequence_parallel=config.sequence_parallel,
         )
         scale = num_moe_layers(config) if config.emo_scale_aux_loss_by_num_layers else 1
-        self.lb_coeff = (config.moe_aux_loss_coeff if self.get_aux_loss_coeff("aux_loss") else 0.0) / scale
+        lb_coeff = config.moe_aux_loss_coeff if self.get_aux_loss_coeff("aux_loss") else 0.0
+        self.lb_coeff = lb_coeff / scale
         self.z_coeff = (config.moe_z_loss_coeff or 0.0) / scale
         # Running fp32 expert load of the current step (emo_lb_accumulate_microbatches); not a
         # buffer, so Megatron's Float16Module cannot cast the counts to bf16.
@@ -137,7 +146,8 @@ class EMORouter(TopKRouter):
             if self.training:
                 raise RuntimeError(
                     f"EMORouter (layer {self.layer_number}) found no documents in training: run "
-                    "the model forward inside megatron_emo.mcore.routing_context(DocumentBatch(...))"
+                    "the model forward inside "
+                    "megatron_emo.mcore.routing_context(DocumentBatch(...))"
                 )
             # Evaluation without document ids: every sequence is one document.
             doc_ids_T = torch.arange(bsz, device=device).repeat(seq_length)
@@ -159,7 +169,9 @@ class EMORouter(TopKRouter):
                 max_size=config.emo_pool_size_max,
             )
         else:
-            pool_sizes_D = eval_pool_sizes(docs.num_docs, size=config.emo_pool_size_eval, device=device)
+            pool_sizes_D = eval_pool_sizes(
+                docs.num_docs, size=config.emo_pool_size_eval, device=device
+            )
         return doc_ids_T, pool_sizes_D
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
@@ -358,7 +370,7 @@ class EMORouter(TopKRouter):
         coeff: float,
         valid_T: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Attaches ``loss`` to ``activation``'s gradient (Megatron's aux-loss autoscaler) and logs it.
+        """Attaches ``loss`` to ``activation``'s gradient (Megatron's autoscaler); logs it.
 
         The schedule sets the autoscaler's scale to ``cp_size / num_microbatches`` (or the
         per-token-loss scale), exactly as for Megatron's own aux losses.

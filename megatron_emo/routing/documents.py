@@ -54,7 +54,9 @@ def doc_ids_from_eod(tokens_BS: torch.Tensor, *, eod_id: int) -> tuple[torch.Ten
     return local_ids_BS + offsets_B[:, None], num_docs_B
 
 
-def doc_ids_from_cu_seqlens(cu_seqlens_D1: torch.Tensor, *, num_tokens: int | None = None) -> torch.Tensor:
+def doc_ids_from_cu_seqlens(
+    cu_seqlens_D1: torch.Tensor, *, num_tokens: int | None = None
+) -> torch.Tensor:
     """Document id of every token of a packed (THD) sequence described by ``cu_seqlens``.
 
     Args:
@@ -69,7 +71,9 @@ def doc_ids_from_cu_seqlens(cu_seqlens_D1: torch.Tensor, *, num_tokens: int | No
         (padding) get the last document's id.
     """
     if cu_seqlens_D1.dim() != 1 or cu_seqlens_D1.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with >= 2 entries, got {tuple(cu_seqlens_D1.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be 1-D with >= 2 entries, got {tuple(cu_seqlens_D1.shape)}"
+        )
     if num_tokens is None:
         num_tokens = int(cu_seqlens_D1[-1])
     positions_T = torch.arange(num_tokens, device=cu_seqlens_D1.device, dtype=cu_seqlens_D1.dtype)

@@ -103,7 +103,9 @@ def sample_pool_sizes(
     return min_size + torch.remainder(h, max_size - min_size + 1)
 
 
-def eval_pool_sizes(num_docs: int, *, size: int, device: torch.device | str | None = None) -> torch.Tensor:
+def eval_pool_sizes(
+    num_docs: int, *, size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The fixed evaluation pool size for every document, as a ``(D,)`` int64 tensor."""
     return torch.full((num_docs,), size, dtype=torch.int64, device=device)
 

@@ -1,4 +1,4 @@
-"""Hooks into ``megatron.training.pretrain``: arguments, model provider, forward step, data, metrics.
+"""Hooks into ``megatron.training.pretrain``: flags, model provider, forward step, data, metrics.
 
 Entry point: ``python -m megatron_emo.train`` (``megatron_emo/train.py``).
 """

@@ -1,5 +1,7 @@
-"""Documents in training batches: ``GPTDataset`` samples that carry their documents, and the
-``DocumentBatch``/attention mask built from them for every micro-batch.
+"""The training dataset: ``GPTDataset`` samples that carry their documents.
+
+Also the ``DocumentBatch`` and the document attention mask built from them for every
+micro-batch.
 
 ``EMOGPTDataset`` adds to each ``GPTDataset`` sample the document segment of every token and the
 global index of every segment's document, taken from the same ``sample_index``/``document_index``
@@ -138,6 +140,8 @@ def document_attention_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
         the same document.
     """
     seq_length = doc_ids_BS.shape[1]
-    causal_SS = torch.ones(seq_length, seq_length, dtype=torch.bool, device=doc_ids_BS.device).tril_()
+    causal_SS = torch.ones(
+        seq_length, seq_length, dtype=torch.bool, device=doc_ids_BS.device
+    ).tril_()
     same_doc_BSS = doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]
     return ~(same_doc_BSS & causal_SS)[:, None]
