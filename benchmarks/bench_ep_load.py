@@ -76,7 +76,7 @@ def main() -> None:
 
     from megatron_emo.mcore import EMORouter, routing_context
     from megatron_emo.mcore.config import uniform_routing_ep_loads
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
+    from megatron_emo.cpu import initialize_model_parallel_cpu
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     init_gloo(0, 1, free_port())

@@ -31,21 +31,22 @@ SHAPES = {
 
 def _init(device: str) -> None:
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29547")
     if device == "cpu":
-        from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
+        from megatron_emo.cpu import initialize_model_parallel_cpu
 
         dist.init_process_group("gloo", rank=0, world_size=1)
         initialize_model_parallel_cpu(seed=1234)
     else:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+        from megatron_emo.mcore.process_groups import initialize_model_parallel
+
         torch.cuda.set_device(0)
         dist.init_process_group("nccl", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel()
+        initialize_model_parallel()
         model_parallel_cuda_manual_seed(1234)
 
 
@@ -72,7 +73,7 @@ def build_layer(shape: dict, routing: str, device: str):
         config=config, layer_number=1, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
     )
     if device == "cpu":
-        from megatron_emo.mcore.cpu_backend import adapt_model_for_cpu
+        from megatron_emo.cpu import adapt_model_for_cpu
 
         adapt_model_for_cpu(moe)
     return moe.to(device)

@@ -145,23 +145,22 @@ def v2_style_route(logits: torch.Tensor, local_ids_BS: torch.Tensor, pool_sizes_
 def build_stock_routers(num_experts: int, device: torch.device) -> dict[str, Callable]:
     """Megatron's TopKRouter (softmax top-8, no aux loss) and, if TE imports, its fused variant."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_emo.mcore.process_groups import initialize_model_parallel
+    from megatron_emo.mcore.specs import transformer_engine_importable
 
     if not dist.is_initialized():
         with socket.socket() as sock:  # a free port: other jobs may share the machine
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel()
-    try:
-        import transformer_engine  # noqa: F401
-
-        variants = {STOCK: False, STOCK_FUSED: True}
-    except ImportError:
-        variants = {STOCK: False}
+        initialize_model_parallel()
+    variants = {STOCK: False}
+    if transformer_engine_importable():
+        variants[STOCK_FUSED] = True
     routers = {}
     for name, fusion in variants.items():
         config = TransformerConfig(
@@ -293,11 +292,13 @@ def describe(device: torch.device) -> str:
         parts.append(f"triton={triton.__version__}")
     except ImportError:
         parts.append("triton=none")
-    try:
+    from megatron_emo.mcore.specs import transformer_engine_importable
+
+    if transformer_engine_importable():
         import transformer_engine
 
         parts.append(f"transformer_engine={transformer_engine.__version__}")
-    except ImportError:
+    else:
         parts.append("transformer_engine=none")
     return " ".join(parts)
 

@@ -18,22 +18,21 @@ import warnings
 
 import torch
 
+from megatron_emo.patching import Patch, PatchSet
 from megatron_emo.quiet import filter_known_messages
 
-
-def _transformer_engine_importable() -> bool:
-    try:  # GPU-only dependency: imported lazily, never at module import time.
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 (a broken TE install raises more than ImportError)
-        return False
-    return True
+# Megatron's validate_args asks the GPU's compute capability for --moe-grouped-gemm
+# (arguments.py:1339); a dry run on a login node checks against a Hopper-class target.
+_DRY_RUN_TARGET_GPU = PatchSet(
+    [Patch(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0), "arguments.py:1339")]
+)
 
 
 def _init_cpu_distributed(args) -> None:
     """gloo process group and model-parallel state for ``--cpu`` (Megatron skips mpu on CPU:
     ``initialize.py:358`` and seeds no RNG tracker: ``initialize.py:447``). ``main`` has
-    enabled the CPU training shim before parsing the flags."""
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
+    enabled the CPU backend's training patches before parsing the flags."""
+    from megatron_emo.cpu import initialize_model_parallel_cpu
 
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -69,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
+    from megatron_emo.mcore.specs import transformer_engine_importable
     from megatron_emo.training.arguments import add_emo_args, validate_emo_args
     from megatron_emo.training.compat import (
         load_optimizer_state_across_expert_layouts,
@@ -79,22 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_emo.training.step import EMOTrainingStep, train_valid_test_datasets_provider
 
     if "--emo-dry-run" in sys.argv and not torch.cuda.is_available():
-        # Megatron's validate_args asks the GPU's compute capability for --moe-grouped-gemm
-        # (arguments.py:1339); a dry run on a login node checks against a Hopper-class target.
-        torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+        _DRY_RUN_TARGET_GPU.apply()
     if cpu:
         # Megatron's argument validation already asks CUDA questions (arguments.py:1414).
-        from megatron_emo.mcore.cpu_backend import enable_cpu_training
+        import megatron_emo.cpu as cpu_backend
 
-        enable_cpu_training()
+        cpu_backend.enable(training=True)
     args = parse_and_validate_args(extra_args_provider=add_emo_args)
     # A dry run checks the flags for the target machine, which may have TE where this one has not.
-    te_available = _transformer_engine_importable()
+    te_available = transformer_engine_importable()
     validate_emo_args(args, te_available=args.emo_dry_run or te_available)
     te_note = ""
     if args.emo_dry_run and not te_available:
         # TransformerConfig refuses TE-only fusions without TE; check the rest for the target.
-        switched = [f for f in ("apply_rope_fusion", "moe_permute_fusion") if getattr(args, f, False)]
+        fusions = ("apply_rope_fusion", "moe_permute_fusion")
+        switched = [f for f in fusions if getattr(args, f, False)]
         for flag in switched:
             setattr(args, flag, False)
         if switched:

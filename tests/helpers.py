@@ -1,5 +1,8 @@
 """Test helpers: tiny EMO GPT models on the CPU backend and a 2-process gloo launcher.
 
+Process-group fixtures for in-process tests live in ``tests/conftest.py``; ``init_gloo`` is
+their (and ``run_distributed``'s) one way to start a gloo group.
+
 Tiny shapes follow STYLE.md rule 29: hidden 32, 2 layers, 8 experts, top-2 routed, seq 64, vocab 128.
 """
 
@@ -101,25 +104,23 @@ def tiny_config(**overrides: Any):
 
 
 def build_tiny_gpt(config, seed: int = 0):
-    """A ``GPTModel`` with the EMO local spec, adapted to the CPU backend, seeded by ``seed``."""
-    from megatron.core.models.gpt import GPTModel
+    """A ``GPTModel`` with the EMO local spec on the CPU backend's classes, seeded by ``seed``."""
     from megatron.core.transformer.moe import moe_logging
 
-    from megatron_emo.mcore import get_emo_layer_spec
-    from megatron_emo.mcore.cpu_backend import adapt_model_for_cpu
+    from megatron_emo.cpu import CPU_MODEL_ADAPTER
+    from megatron_emo.mcore import build_emo_gpt_model
 
     # The metrics tracker is process-global and sized by the first model (cpu_megatron.md 8).
     moe_logging.destroy_moe_metrics_tracker()
     torch.manual_seed(seed)
-    spec = get_emo_layer_spec(config, use_transformer_engine=False)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
+    return build_emo_gpt_model(
+        config,
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
+        use_transformer_engine=False,
+        adapter=CPU_MODEL_ADAPTER,
         position_embedding_type="rope",
     )
-    return adapt_model_for_cpu(model)
 
 
 def tiny_batch(batch_size: int = 2, seed: int = 0, eod_positions=((5, 20, 41), (0, 33, 63))):

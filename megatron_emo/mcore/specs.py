@@ -25,7 +25,12 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_emo.mcore.config import EMOTransformerConfig
 from megatron_emo.mcore.router import EMORouter
 
-__all__ = ["get_emo_layer_spec", "is_moe_mlp", "with_emo_router"]
+__all__ = [
+    "get_emo_layer_spec",
+    "is_moe_mlp",
+    "transformer_engine_importable",
+    "with_emo_router",
+]
 
 
 def is_moe_mlp(mlp: Any) -> bool:
@@ -57,14 +62,22 @@ def with_emo_router(layer_spec: ModuleSpec) -> ModuleSpec:
     return layer_spec
 
 
-def _use_transformer_engine(config: EMOTransformerConfig) -> bool:
-    if config.transformer_impl != "transformer_engine":
-        return False
-    try:  # TE is GPU-only: never imported at module import time.
+@functools.cache
+def transformer_engine_importable() -> bool:
+    """Whether Transformer Engine imports (the project's one probe; the answer is cached).
+
+    TE is GPU-only: it is imported here, never at module import time. Any exception counts as
+    "not importable": a broken TE install raises more than ``ImportError``.
+    """
+    try:
         import transformer_engine  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def _use_transformer_engine(config: EMOTransformerConfig) -> bool:
+    return config.transformer_impl == "transformer_engine" and transformer_engine_importable()
 
 
 def get_emo_layer_spec(
@@ -89,7 +102,9 @@ def get_emo_layer_spec(
     """
     config = getattr(config, "transformer", config)
     if not isinstance(config, EMOTransformerConfig):
-        raise TypeError(f"get_emo_layer_spec needs an EMOTransformerConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"get_emo_layer_spec needs an EMOTransformerConfig, got {type(config).__name__}"
+        )
     if use_transformer_engine is None:
         use_transformer_engine = _use_transformer_engine(config)
     block = get_gpt_decoder_block_spec(

@@ -27,6 +27,8 @@
   ``load_optimizer_state_across_expert_layouts`` regroups the common part (hyperparameters and
   ``step``) for the new chain.
 
+The three process-wide replacements are ``megatron_emo.patching`` patches, applied once each.
+
 Megatron symbols: ``core.datasets.utils.compile_helpers``, ``core.datasets.helpers_cpp``,
 ``core.optimizer.optimizer.ChainedOptimizer``, ``core.optimizer.distrib_optimizer.
 DistributedOptimizer.checkpoint_fully_reshardable_formats``,
@@ -41,6 +43,8 @@ import importlib
 import inspect
 import re
 from typing import Any
+
+from megatron_emo.patching import Patch, PatchSet
 
 __all__ = [
     "escape_bare_percent_in_help",
@@ -60,6 +64,11 @@ def escape_bare_percent_in_help(parser: argparse.ArgumentParser) -> None:
             action.help = _PERCENT.sub(lambda m: m.group(0) if m.group(1) else "%%", action.help)
 
 
+_PREBUILT_HELPERS = PatchSet(
+    [Patch("megatron.core.datasets.utils", "compile_helpers", lambda: None, "initialize.py:178")]
+)
+
+
 def use_prebuilt_dataset_helpers() -> bool:
     """Makes Megatron's start-up use the wheel's prebuilt dataset helpers when they import.
 
@@ -67,29 +76,19 @@ def use_prebuilt_dataset_helpers() -> bool:
         True if the prebuilt extension imports (compilation is skipped), False otherwise (the
         original ``compile_helpers`` stays in place).
     """
-    utils = importlib.import_module("megatron.core.datasets.utils")
+    importlib.import_module("megatron.core.datasets.utils")
     try:
         importlib.import_module("megatron.core.datasets.helpers_cpp")
     except ImportError:
         return False
-    utils.compile_helpers = lambda: None
+    _PREBUILT_HELPERS.apply()
     return True
 
 
-def reset_log_sums_on_window_end() -> bool:
-    """Makes a run's first iteration reset Megatron's stdout loss sums when it ends a window.
-
-    Wraps ``megatron.training.training.training_log`` (looked up as a module global by
-    ``train()``, ``training.py:3985``). Idempotent.
-
-    Returns:
-        True if the wrapper was installed by this call, False if it already was.
-    """
-    training = importlib.import_module("megatron.training.training")
+def _resetting_log_sums(original):
+    """``training_log`` that passes ``is_first_iteration=False`` when the iteration ends a
+    ``--log-interval`` window."""
     get_args = importlib.import_module("megatron.training.global_vars").get_args
-    original = training.training_log
-    if getattr(original, "_emo_resets_on_window_end", False):
-        return False
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -101,9 +100,27 @@ def reset_log_sums_on_window_end() -> bool:
             bound.arguments["is_first_iteration"] = False
         return original(*bound.args, **bound.kwargs)
 
-    training_log._emo_resets_on_window_end = True
-    training.training_log = training_log
-    return True
+    return training_log
+
+
+_LOG_SUMS = PatchSet(
+    [Patch("megatron.training.training", "training_log", _resetting_log_sums,
+           "training.py:3584/3998", wraps=True)]
+)
+
+
+def reset_log_sums_on_window_end() -> bool:
+    """Makes a run's first iteration reset Megatron's stdout loss sums when it ends a window.
+
+    Wraps ``megatron.training.training.training_log`` (looked up as a module global by
+    ``train()``, ``training.py:3985``). Idempotent.
+
+    Returns:
+        True if the wrapper was installed by this call, False if it already was.
+    """
+    return _LOG_SUMS.apply()
+
+
 def _expert_flag(optimizer) -> bool:
     flags = {bool(g.get("is_expert_parallel", False)) for g in optimizer.optimizer.param_groups}
     if len(flags) != 1:
@@ -154,17 +171,7 @@ def _regroup_model_space_state(chain, state_dict: dict) -> list[dict] | None:
     return None
 
 
-def load_optimizer_state_across_expert_layouts() -> None:
-    """Lets ``ChainedOptimizer.load_state_dict`` load a fully reshardable distributed-optimizer
-    state saved with another number of chained optimizers (EP = 1 <-> EP > 1). Idempotent;
-    every other state goes to Megatron's method unchanged.
-    """
-    from megatron.core.optimizer.optimizer import ChainedOptimizer
-
-    original = ChainedOptimizer.load_state_dict
-    if getattr(original, "emo_regroups_model_space_state", False):
-        return
-
+def _regrouping_load_state_dict(original):
     def load_state_dict(self, state_dict: Any) -> None:
         regrouped = None
         if isinstance(state_dict, dict):
@@ -176,5 +183,18 @@ def load_optimizer_state_across_expert_layouts() -> None:
         if len(self.chained_optimizers) > 1:
             self._synchronize_steps()
 
-    load_state_dict.emo_regroups_model_space_state = True
-    ChainedOptimizer.load_state_dict = load_state_dict
+    return load_state_dict
+
+
+_CHAINED_LOAD = PatchSet(
+    [Patch("megatron.core.optimizer.optimizer.ChainedOptimizer", "load_state_dict",
+           _regrouping_load_state_dict, "optimizer.py:1577-1581", wraps=True)]
+)
+
+
+def load_optimizer_state_across_expert_layouts() -> None:
+    """Lets ``ChainedOptimizer.load_state_dict`` load a fully reshardable distributed-optimizer
+    state saved with another number of chained optimizers (EP = 1 <-> EP > 1). Idempotent;
+    every other state goes to Megatron's method unchanged.
+    """
+    _CHAINED_LOAD.apply()

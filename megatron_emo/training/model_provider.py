@@ -2,7 +2,9 @@
 
 The Transformer Engine spec (grouped-GEMM experts, FP8) is used with
 ``--transformer-impl transformer_engine`` when TE imports; the local spec otherwise. With
-``--cpu`` the built model gets the CPU backend's RoPE and dispatcher classes.
+``--cpu`` the build gets the CPU backend's norm, RoPE and dispatcher classes
+(``megatron_emo.cpu.CPU_MODEL_ADAPTER``). The model itself comes from
+``megatron_emo.mcore.build_emo_gpt_model``.
 
 Megatron symbols: ``core.models.gpt.GPTModel``, ``training.get_args``,
 ``training.arguments.core_transformer_config_from_args``.
@@ -14,7 +16,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.training import get_args
 from megatron.training.arguments import core_transformer_config_from_args
 
-from megatron_emo.mcore import EMOTransformerConfig, get_emo_layer_spec
+from megatron_emo.mcore import EMOTransformerConfig, build_emo_gpt_model
 
 __all__ = ["emo_config_from_args", "model_provider"]
 
@@ -46,14 +48,14 @@ def model_provider(
     args = get_args()
     if config is None:
         config = emo_config_from_args(args)
-    spec = get_emo_layer_spec(config, vp_stage=vp_stage)
-    if args.cpu:
-        from megatron_emo.mcore.cpu_backend import adapt_spec_for_cpu
+    adapter = None
+    if args.cpu:  # the CPU backend is imported only for --cpu runs
+        from megatron_emo.cpu import CPU_MODEL_ADAPTER
 
-        spec = adapt_spec_for_cpu(spec)  # norms that support sequence parallelism
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
+        adapter = CPU_MODEL_ADAPTER
+
+    return build_emo_gpt_model(
+        config,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -67,9 +69,5 @@ def model_provider(
         rope_scaling=args.use_rope_scaling,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
+        adapter=adapter,
     )
-    if args.cpu:
-        from megatron_emo.mcore.cpu_backend import adapt_model_for_cpu
-
-        adapt_model_for_cpu(model)
-    return model

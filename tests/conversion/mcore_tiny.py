@@ -132,24 +132,22 @@ def mcore_config_from_shape(shape: EmoShape, shared_layout: str, num_padding: in
 
 def build_model(config, shape: EmoShape):
     """GPTModel with the EMO local spec on the CPU backend (needs model-parallel state)."""
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.moe import moe_logging
 
-    from megatron_emo.mcore import get_emo_layer_spec
-    from megatron_emo.mcore.cpu_backend import adapt_model_for_cpu
+    from megatron_emo.cpu import CPU_MODEL_ADAPTER
+    from megatron_emo.mcore import build_emo_gpt_model
 
     moe_logging.destroy_moe_metrics_tracker()
-    spec = get_emo_layer_spec(config, use_transformer_engine=False)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
+    return build_emo_gpt_model(
+        config,
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.max_position_embeddings,
+        use_transformer_engine=False,
+        adapter=CPU_MODEL_ADAPTER,
         position_embedding_type="rope",
         rotary_base=int(shape.rope_theta),
         share_embeddings_and_output_weights=False,
     )
-    return adapt_model_for_cpu(model)
 
 
 def save_megatron_checkpoint(model, out_dir: str, args, iteration: int | None = None,

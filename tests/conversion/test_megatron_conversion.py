@@ -1,4 +1,5 @@
-"""Megatron <-> HF conversion on tiny EMO models (CPU backend, 1 gloo rank).
+"""Megatron <-> HF conversion on tiny EMO models (1 gloo rank; the CPU backend where a test builds
+a Megatron model, ``megatron_cpu``, Megatron's process groups alone for checkpoint IO).
 
 * A tiny model trained 3 Adam steps with document pools on, exported to HF: HF logits equal
   Megatron logits with pools off (``emo_routing='standard'``, the published HF routing) to
@@ -29,7 +30,6 @@ from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.from_hf import import_from_hf
 from megatron_emo.conversion.to_hf import export_to_hf
 
-pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
 
 def _hf_model(path):
@@ -53,6 +53,7 @@ def _same_dir_files(a, b) -> None:
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
 
 
+@pytest.mark.usefixtures("megatron_cpu")
 @pytest.mark.parametrize("layout", ["router", "mlp"])
 def test_trained_model_export_parity_and_round_trip(tmp_path, layout):
     trained = train_few_steps(layout)
@@ -96,6 +97,7 @@ def test_trained_model_export_parity_and_round_trip(tmp_path, layout):
     _same_dir_files(hf_dir, hf2)
 
 
+@pytest.mark.usefixtures("model_parallel")
 @pytest.mark.parametrize("layout", ["router", "mlp"])
 def test_hf_to_megatron_to_hf_keeps_shared_router_row(tmp_path, layout):
     sd = random_hf_state_dict(seed=11)
@@ -107,6 +109,7 @@ def test_hf_to_megatron_to_hf_keeps_shared_router_row(tmp_path, layout):
     _same_dir_files(tmp_path / "hf", tmp_path / "hf2")
 
 
+@pytest.mark.usefixtures("megatron_cpu")
 def test_pruned_checkpoint_imports_with_same_logits(tmp_path):
     full = random_hf_state_dict(seed=5)
     keep = [0, 2, 5, 7]  # three routed experts plus the shared expert 7, as spec 4.4 prunes
@@ -136,6 +139,7 @@ def test_pruned_checkpoint_imports_with_same_logits(tmp_path):
     assert back.keys() == pruned.keys() and all(torch.equal(back[k], pruned[k]) for k in pruned)
 
 
+@pytest.mark.usefixtures("model_parallel")
 def test_refuses_inconsistent_inputs(tmp_path):
     sd = random_hf_state_dict(seed=3)
     write_hf_dir(tmp_path / "ok", sd)
@@ -194,6 +198,7 @@ def test_refuses_inconsistent_inputs(tmp_path):
         export_to_hf(bad, str(tmp_path / "hfbad"))
 
 
+@pytest.mark.usefixtures("model_parallel")
 def test_cli_dry_run_prints_mapping(tmp_path, capsys):
     import sys
 
@@ -222,6 +227,7 @@ def test_cli_dry_run_prints_mapping(tmp_path, capsys):
     assert "--qkv--> model.layers.0.self_attn.q_proj.weight" in out
 
 
+@pytest.mark.usefixtures("model_parallel")
 def test_bfloat16_import_and_export(tmp_path):
     sd = random_hf_state_dict(seed=12)
     write_hf_dir(tmp_path / "hf", sd)
@@ -239,6 +245,7 @@ def test_bfloat16_import_and_export(tmp_path):
     assert _hf_tensors(tmp_path / "hf3")["lm_head.weight"].dtype == torch.float32
 
 
+@pytest.mark.usefixtures("megatron_cpu")
 def test_export_refuses_unknown_checkpoint_tensors(tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor

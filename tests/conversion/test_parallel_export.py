@@ -23,7 +23,7 @@ from megatron_emo.conversion.to_hf import export_to_hf
 def _resave(rank, world_size, src, dst, tp, ep):
     from mcore_tiny import build, load_into, save_megatron_checkpoint
 
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
+    from megatron_emo.cpu import initialize_model_parallel_cpu
 
     initialize_model_parallel_cpu(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     model = load_into(build("router", seed=50 + rank), src)

@@ -232,7 +232,7 @@ def _child(code: str, tmp_path) -> subprocess.CompletedProcess:
 _FORCED_CUDA = r'''
 import sys, torch
 import torch.distributed as dist
-sys.modules["megatron_emo.mcore.cpu_backend"] = None  # importing it raises ImportError
+sys.modules["megatron_emo.cpu"] = None  # importing it raises ImportError
 
 def poisoned(name):
     def cuda_call(*args, **kwargs):
@@ -250,7 +250,7 @@ from megatron_emo.conversion.to_hf import export_to_hf
 import_from_hf(sys.argv[1] if len(sys.argv) > 1 else "HF", "m", ep=2)
 export_to_hf("m", "hf2", max_shard_bytes=40_000)
 print("DIST", dist.is_initialized(), "MP", parallel_state.model_parallel_is_initialized(),
-      "CPU_BACKEND", sys.modules["megatron_emo.mcore.cpu_backend"])
+      "CPU_BACKEND", sys.modules["megatron_emo.cpu"])
 '''
 
 

@@ -16,7 +16,7 @@ from helpers import SEQ, build_tiny_gpt, run_distributed, tiny_batch, tiny_confi
 
 def _ep_equivalence(rank: int, world_size: int, dispatcher: str) -> None:
     from megatron_emo.mcore import routing_context
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
+    from megatron_emo.cpu import initialize_model_parallel_cpu
 
     tokens, position_ids, mask, docs = tiny_batch()  # the same batch on both ranks
 
@@ -96,8 +96,8 @@ def _expected_full(router, hidden, docs):
 
 
 def _split_documents(rank: int, world_size: int, mode: str) -> None:
+    from megatron_emo.cpu import initialize_model_parallel_cpu
     from megatron_emo.mcore import RoutingMetricsTracker, routing_context
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
     from megatron_emo.routing import DocumentBatch, document_pool_mask, sample_pool_sizes
 
     seq, bsz = 32, 2
@@ -165,7 +165,7 @@ def _lb_gradient(rank: int, world_size: int, accumulate: bool, microbatches: str
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megatron_emo.mcore import routing_context
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
+    from megatron_emo.cpu import initialize_model_parallel_cpu
     from megatron_emo.routing import (
         DocumentBatch,
         document_pool_mask,

@@ -92,7 +92,7 @@ def _run(model, batch, *, ep_rank: int, num_local: int):
 
 
 def _layouts(rank: int, world_size: int) -> None:
-    from megatron_emo.mcore.cpu_backend import initialize_model_parallel_cpu
+    from megatron_emo.cpu import initialize_model_parallel_cpu
 
     batch = tiny_batch(batch_size=4)  # the same batch on both ranks
     ref_config = tiny_config(**IN_ROUTER)

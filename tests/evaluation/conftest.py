@@ -1,19 +1,19 @@
 """Fixtures for the lm-eval tests: a small sentencepiece tokenizer trained on the embedded corpus,
-a random tiny EMO HF directory whose vocabulary matches it, and the offline local tasks."""
+a random tiny EMO HF directory whose vocabulary matches it (``hf_tiny`` from ``tests/conversion``,
+importable through ``tests/conftest.py``), and the offline local tasks."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tests", "conversion"))
 
 
 @pytest.fixture(autouse=True)
@@ -56,12 +56,6 @@ def task_dir(tmp_path_factory) -> str:
     return write_local_tasks(str(tmp_path_factory.mktemp("tasks")))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def finetune_run(tmp_path_factory, tiny_lm_dir, spm_model, task_dir):
     """``examples/05_finetune_subset.sh`` (Megatron route) on the tiny model: subset of 4 experts
@@ -72,7 +66,7 @@ def finetune_run(tmp_path_factory, tiny_lm_dir, spm_model, task_dir):
     env.update(PY=sys.executable, PYTHONPATH=REPO, OMP_NUM_THREADS="1", RUN=str(run),
                CHECKPOINT=tiny_lm_dir, TOKENIZER_MODEL=spm_model, TASK_DIR=task_dir,
                TASK="emo_mc_math", KEEP="4", NUM_EXAMPLES="4", FT_ITERS="4", FT_LR="3e-3",
-               EVAL_LIMIT="8", MASTER_PORT=str(_free_port()), HF_HUB_OFFLINE="1",
+               EVAL_LIMIT="8", MASTER_PORT=str(free_port()), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(["bash", "examples/05_finetune_subset.sh"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)

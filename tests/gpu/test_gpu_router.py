@@ -39,25 +39,25 @@ def test_routing_math_matches_cpu():
 
 @pytest.fixture(scope="module")
 def cuda_world():
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from megatron_emo.mcore import process_groups
+
     if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
     torch.cuda.set_device(0)
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel()
+    process_groups.initialize_model_parallel()
     model_parallel_cuda_manual_seed(123)
     yield
-    parallel_state.destroy_model_parallel()
+    process_groups.destroy_model_parallel()
 
 
 def _te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from megatron_emo.mcore.specs import transformer_engine_importable
+
+    return transformer_engine_importable()
 
 
 @pytest.mark.parametrize(
@@ -67,11 +67,10 @@ def _te_available() -> bool:
 )
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"], ids=["allgather", "alltoall"])
 def test_gpt_on_cuda_routes_like_emo_route(cuda_world, use_te, dispatcher):
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.moe import moe_logging
 
     from helpers import capture_router_io
-    from megatron_emo.mcore import get_emo_layer_spec, routing_context
+    from megatron_emo.mcore import build_emo_gpt_model, routing_context
     from megatron_emo.routing import emo_route, sample_pool_sizes
 
     moe_logging.destroy_moe_metrics_tracker()
@@ -83,9 +82,8 @@ def test_gpt_on_cuda_routes_like_emo_route(cuda_world, use_te, dispatcher):
         moe_grouped_gemm=use_te,
         transformer_impl="transformer_engine" if use_te else "local",
     )
-    spec = get_emo_layer_spec(config, use_transformer_engine=use_te)
-    model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+    model = build_emo_gpt_model(
+        config, vocab_size=VOCAB, max_sequence_length=SEQ, use_transformer_engine=use_te,
         position_embedding_type="rope",
     ).cuda().bfloat16()
     records = capture_router_io(model)

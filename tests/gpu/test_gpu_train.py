@@ -29,11 +29,9 @@ pytestmark = pytest.mark.gpu
 
 
 def _te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+    from megatron_emo.mcore.specs import transformer_engine_importable
+
+    return transformer_engine_importable()
 
 
 @pytest.mark.parametrize(

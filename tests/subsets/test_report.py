@@ -142,7 +142,7 @@ def test_greedy_report_and_bad_corpora(tmp_path, tiny_hf_dir):
                                 log=lambda m: None)
 
 
-def test_megatron_checkpoint_input_matches_hf(tmp_path, tiny_hf_dir, megatron_cpu):
+def test_megatron_checkpoint_input_matches_hf(tmp_path, tiny_hf_dir, model_parallel):
     from megatron_emo.conversion.from_hf import import_from_hf
     from megatron_emo.subsets.report import build_modularity_report
 

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from train_runs import REPO_ROOT, VOCAB, _free_port, clean_env, make_corpus, tb_scalars
+from helpers import free_port
+from train_runs import REPO_ROOT, VOCAB, clean_env, make_corpus, tb_scalars
 
 SBATCH = str(REPO_ROOT / "examples" / "slurm" / "train_emo.sbatch")
 JOB_NAME = "emo-cpu-smoke"
@@ -56,7 +57,7 @@ def test_sbatch_trains_on_cpu_and_resubmission_resumes(cluster, tmp_path):
         PATH=f"{venv_bin}:{os.environ['PATH']}", REPO=str(REPO_ROOT),
         RECIPE="examples/slurm/cpu_tiny_args.sh", NGPU="2", RUN_DIR=str(run_dir),
         DATA_PATH=corpus, TOKENIZER_TYPE="NullTokenizer", VOCAB_SIZE=str(VOCAB), TRAIN_ITERS="5",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
     )
     latest = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
 

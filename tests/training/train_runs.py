@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 128
@@ -74,12 +74,6 @@ def train_args(data_prefix: str, out_dir: str, *, train_iters: int, extra: list[
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a child run: repo on PYTHONPATH, one thread, no ``NVTE_*`` variables.
 
@@ -98,11 +92,11 @@ def run_train(args: list[str], *, nproc: int = 1, timeout: int = 300) -> subproc
     env = clean_env()
     if nproc == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()))
+                   MASTER_PORT=str(free_port()))
         cmd = [sys.executable, "-m", "megatron_emo.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "-m", "megatron_emo.train", *args]
+               f"--master-port={free_port()}", "-m", "megatron_emo.train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
 
 
