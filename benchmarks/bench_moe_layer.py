@@ -24,7 +24,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 SHAPES = {
-    "cuda": dict(hidden=2048, experts=128, shared=1, topk=8, ffn=1024, seq=4096, batch=1, docs=(1, 10, 400)),
+    "cuda": dict(
+        hidden=2048, experts=128, shared=1, topk=8, ffn=1024, seq=4096, batch=1, docs=(1, 10, 400)
+    ),
     "cpu": dict(hidden=64, experts=8, shared=1, topk=3, ffn=64, seq=256, batch=2, docs=(1, 10)),
 }
 
@@ -56,7 +58,8 @@ def build_layer(shape: dict, routing: str, device: str):
     from megatron_emo.mcore import EMOTransformerConfig, get_emo_layer_spec
 
     config = EMOTransformerConfig(
-        num_layers=1, hidden_size=shape["hidden"], num_attention_heads=16 if device == "cuda" else 4,
+        num_layers=1, hidden_size=shape["hidden"],
+        num_attention_heads=16 if device == "cuda" else 4,
         num_moe_experts=shape["experts"], moe_ffn_hidden_size=shape["ffn"],
         moe_router_topk=shape["topk"], emo_num_shared_experts=shape["shared"],
         emo_pool_size_min=shape["topk"], emo_pool_size_max=shape["experts"],
@@ -90,7 +93,8 @@ def documents(shape: dict, docs_per_seq: int, device: str):
         starts[torch.randperm(seq - 1, generator=gen)[: docs_per_seq - 1] + 1] = 1
         rows.append(torch.cumsum(starts, 0) + b * docs_per_seq)
     doc_ids = torch.stack(rows)
-    return DocumentBatch(doc_ids, torch.arange(batch * docs_per_seq) * 7 + 3, iteration=5).to(device)
+    keys = torch.arange(batch * docs_per_seq) * 7 + 3
+    return DocumentBatch(doc_ids, keys, iteration=5).to(device)
 
 
 def timed(fn, device: str, repeats: int, warmup: int = 3) -> float:
@@ -113,8 +117,12 @@ def timed(fn, device: str, repeats: int, warmup: int = 3) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = args.device
@@ -124,7 +132,8 @@ def main() -> None:
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(shape["seq"], shape["batch"], shape["hidden"], generator=gen).to(device, dtype)
+    hidden = torch.randn(shape["seq"], shape["batch"], shape["hidden"], generator=gen)
+    hidden = hidden.to(device, dtype)
     rows = []
     for routing in ("standard", "emo"):
         moe = build_layer(shape, routing, device)
@@ -133,28 +142,31 @@ def main() -> None:
             docs = documents(shape, docs_per_seq, device)
             x = hidden.clone().requires_grad_(True)
 
-            def layer_step():
+            # Defaults bind this iteration's layer, documents and input to the closures.
+            def layer_step(moe=moe, x=x, docs=docs):
                 with routing_context(docs):
                     out = moe(x)
                     out = out[0] if isinstance(out, tuple) else out
                 out.float().sum().backward()
 
-            def router_step():
+            def router_step(moe=moe, x=x, docs=docs):
                 with routing_context(docs):
                     probs, _ = moe.router(x)
                 probs.float().sum().backward()
 
             rows.append((routing, docs_per_seq, timed(layer_step, device, args.repeats),
                          timed(router_step, device, args.repeats)))
-        del moe
+        del moe, layer_step, router_step  # the closures' defaults hold the layer too
         if device == "cuda":
             torch.cuda.empty_cache()
     base = {d: (layer, router) for r, d, layer, router in rows if r == "standard"}
     print(f"\ndevice={device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}) "
           f"torch={torch.__version__} T={shape['batch']}x{shape['seq']} d={shape['hidden']} "
-          f"E={shape['experts']} ({shape['shared']} shared) ffn={shape['ffn']} top-{shape['topk']}; "
+          f"E={shape['experts']} ({shape['shared']} shared) ffn={shape['ffn']} "
+          f"top-{shape['topk']}; "
           f"fwd+bwd, median of {args.repeats}\n")
-    print("| routing | docs/seq | MoE layer ms | router ms | layer vs standard | router vs standard |")
+    print("| routing | docs/seq | MoE layer ms | router ms | layer vs standard "
+          "| router vs standard |")
     print("|---|---:|---:|---:|---:|---:|")
     for routing, d, layer, router in rows:
         print(f"| {routing} | {d} | {layer:.2f} | {router:.2f} | {layer / base[d][0]:.3f}x | "

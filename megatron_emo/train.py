@@ -29,9 +29,12 @@ _DRY_RUN_TARGET_GPU = PatchSet(
 
 
 def _init_cpu_distributed(args) -> None:
-    """gloo process group and model-parallel state for ``--cpu`` (Megatron skips mpu on CPU:
-    ``initialize.py:358`` and seeds no RNG tracker: ``initialize.py:447``). ``main`` has
-    enabled the CPU backend's training patches before parsing the flags."""
+    """Gloo process group and model-parallel state for ``--cpu``.
+
+    Megatron skips mpu on CPU (``initialize.py:358``) and seeds no RNG tracker
+    (``initialize.py:447``). ``main`` has enabled the CPU backend's training patches before
+    parsing the flags.
+    """
     from megatron_emo.cpu import initialize_model_parallel_cpu
 
     if not torch.distributed.is_initialized():

@@ -3,7 +3,8 @@
 Process-group fixtures for in-process tests live in ``tests/conftest.py``; ``init_gloo`` is
 their (and ``run_distributed``'s) one way to start a gloo group.
 
-Tiny shapes follow STYLE.md rule 29: hidden 32, 2 layers, 8 experts, top-2 routed, seq 64, vocab 128.
+Tiny shapes follow STYLE.md rule 29: hidden 32, 2 layers, 8 experts, top-2 routed, seq 64,
+vocab 128.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def run_distributed(fn: Callable, world_size: int = 2, *args: Any) -> None:
     """
     with tempfile.TemporaryDirectory() as err_dir:
         try:
-            mp.spawn(_child, args=(world_size, free_port(), fn, args, err_dir), nprocs=world_size, join=True)
+            mp.spawn(_child, args=(world_size, free_port(), fn, args, err_dir),
+                     nprocs=world_size, join=True)
         except Exception as exc:
             msgs = [open(os.path.join(err_dir, f)).read() for f in sorted(os.listdir(err_dir))]
             raise AssertionError("distributed test failed:\n" + "\n".join(msgs)) from exc

@@ -115,6 +115,7 @@ class CPUSequenceParallelNorm:
         zero_centered_gamma: bool = False,
         normalization: str = "LayerNorm",
     ) -> torch.nn.Module:
+        """A torch ``LayerNorm``/``RMSNorm`` whose parameters carry ``sequence_parallel``."""
         if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
             raise ValueError(
                 "--cpu: the torch norm supports neither layernorm_zero_centered_gamma "

@@ -49,11 +49,14 @@ def _padded_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _uneven_gather_on_gloo(original):
-    """F7: ``tensor_parallel/mappings.py:152-154`` all-gathers uneven first dimensions (the
+    """F7: gathers uneven first dimensions on gloo by padding them to the largest split.
+
+    ``tensor_parallel/mappings.py:152-154`` all-gathers uneven first dimensions (the
     all-to-all dispatcher's expert-TP gather, ``token_dispatcher.py:738-743``) with
     ``torch.distributed.all_gather`` on a list of unequal tensors, which gloo refuses
     ("invalid tensor size"). Pads every rank's rows to the largest split, gathers equal
-    chunks, and drops the padding: the same result."""
+    chunks, and drops the padding: the same result.
+    """
 
     def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
         if output_split_sizes is None or group.size() == 1:
@@ -62,16 +65,19 @@ def _uneven_gather_on_gloo(original):
         rows = max(sizes)
         gathered = original(_padded_rows(input_, rows), group)  # (size * rows, ...)
         chunks = gathered.split(rows, dim=0)
-        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes)], dim=0)
+        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes, strict=True)], dim=0)
 
     return gather
 
 
 def _uneven_reduce_scatter_on_gloo(original):
-    """F7: ``tensor_parallel/mappings.py:188-196`` reduce-scatters uneven splits (the
+    """F7: reduce-scatters uneven splits on gloo by padding them to the largest split.
+
+    ``tensor_parallel/mappings.py:188-196`` reduce-scatters uneven splits (the
     dispatcher's combine, ``token_dispatcher.py:819-825``) with the list form of
     ``torch.distributed.reduce_scatter``, which gloo lacks. Pads every split to the largest,
-    reduce-scatters equal chunks, and drops the padding: the same result."""
+    reduce-scatters equal chunks, and drops the padding: the same result.
+    """
 
     def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
         if input_split_sizes is None or group.size() == 1:
@@ -183,7 +189,9 @@ def _caller_scoped_cuda_is_available(real_is_available):
 
 
 def _state_dict_with_initial_adam_state(original):
-    """F9: ``optimizer/distrib_optimizer.py:837-839``: without apex or Transformer Engine (always
+    """F9: materialises torch Adam's initial state before the optimizer's state is read.
+
+    ``optimizer/distrib_optimizer.py:837-839``: without apex or Transformer Engine (always
     so on CPU) the distributed optimizer reads Adam's ``step`` from the torch optimizer's
     per-parameter state and asserts that there is exactly one value. Loading a checkpoint calls
     it on a fresh optimizer (``:1532``, from ``sharded_state_dict(is_loading=True)``), whose
@@ -218,11 +226,14 @@ def _state_dict_with_initial_adam_state(original):
 
 
 def _load_state_dict_with_own_adam_steps(original):
-    """F11: ``optimizer/distrib_optimizer.py:1025-1031``: without apex or TE the loaded Adam
+    """F11: gives every parameter's loaded Adam state its own ``step`` tensor.
+
+    ``optimizer/distrib_optimizer.py:1025-1031``: without apex or TE the loaded Adam
     ``step`` is ONE tensor assigned to every parameter's state, and torch Adam increments each
     state's step in place, so after the first resumed step every parameter's step has grown by
     the number of parameters (bias correction then differs from the uninterrupted run). Gives
-    every state its own copy, as the ``HybridDeviceOptimizer`` branch (``:1040``) does."""
+    every state its own copy, as the ``HybridDeviceOptimizer`` branch (``:1040``) does.
+    """
 
     def load_state_dict(self, state_dict):
         from megatron.core.optimizer import distrib_optimizer
@@ -242,11 +253,14 @@ class _MissingIsNone(dict):
 
 
 def _set_states_without_adam_step(original):
-    """F10: ``optimizer/distrib_optimizer.py:1216-1222`` copies every tensor of a parameter's
+    """F10: skips the Adam ``step`` that the fully reshardable loader leaves out.
+
+    ``optimizer/distrib_optimizer.py:1216-1222`` copies every tensor of a parameter's
     torch-optimizer state from the loaded ``tensors``, but the fully reshardable loader leaves
     torch Adam's ``step`` out of them (``:2388``; the step is restored from the parameter
     groups at ``:1025-1031``), so a load without apex or TE raises ``KeyError: 'step'``. States
-    missing from ``tensors`` are skipped, as the original skips non-tensor entries."""
+    missing from ``tensors`` are skipped, as the original skips non-tensor entries.
+    """
 
     def set_states(self, model_param, tensors):
         return original(self, model_param, _MissingIsNone(tensors))
@@ -256,8 +270,11 @@ def _set_states_without_adam_step(original):
 
 @contextlib.contextmanager
 def _cuda_device_max_connections() -> Iterator[None]:
-    """``training/arguments.py:1437`` requires ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for TP/CP > 1,
-    a CUDA stream setting that has no meaning on the host: set it unless it is set."""
+    """Sets ``CUDA_DEVICE_MAX_CONNECTIONS=1`` unless it is set, for Megatron's argument check.
+
+    ``training/arguments.py:1437`` requires ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for TP/CP > 1,
+    a CUDA stream setting that has no meaning on the host: set it unless it is set.
+    """
     added = "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:

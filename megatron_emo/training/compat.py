@@ -86,8 +86,10 @@ def use_prebuilt_dataset_helpers() -> bool:
 
 
 def _resetting_log_sums(original):
-    """``training_log`` that passes ``is_first_iteration=False`` when the iteration ends a
-    ``--log-interval`` window."""
+    """``training_log`` that resets its sums when an iteration ends a ``--log-interval`` window.
+
+    It passes ``is_first_iteration=False`` at the end of each window.
+    """
     get_args = importlib.import_module("megatron.training.global_vars").get_args
     signature = inspect.signature(original)
 
@@ -141,8 +143,11 @@ def _relabelled(common: dict, is_expert_parallel: bool) -> dict:
 
 
 def _regroup_model_space_state(chain, state_dict: dict) -> list[dict] | None:
-    """Per-optimizer states for ``chain`` from a fully reshardable state saved with another
-    number of chained optimizers (EP = 1 <-> EP > 1), or None when the nesting already fits."""
+    """Per-optimizer states for ``chain`` regrouped from another optimizer nesting.
+
+    The fully reshardable state was saved with another number of chained optimizers
+    (EP = 1 <-> EP > 1). None when the nesting already fits.
+    """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     optimizers = chain.chained_optimizers
@@ -193,8 +198,10 @@ _CHAINED_LOAD = PatchSet(
 
 
 def load_optimizer_state_across_expert_layouts() -> None:
-    """Lets ``ChainedOptimizer.load_state_dict`` load a fully reshardable distributed-optimizer
-    state saved with another number of chained optimizers (EP = 1 <-> EP > 1). Idempotent;
+    """Lets ``ChainedOptimizer.load_state_dict`` load states saved with another EP layout.
+
+    The fully reshardable distributed-optimizer state may have been saved with another number
+    of chained optimizers (EP = 1 <-> EP > 1). Idempotent;
     every other state goes to Megatron's method unchanged.
     """
     _CHAINED_LOAD.apply()

@@ -1,7 +1,9 @@
-"""Tiny Megatron EMO models (built on the CPU backend), trained a few steps and saved the way
-megatron.training saves them (``dist_checkpointing.save`` of the model's sharded state dict): the
-reference the streaming conversion is compared with. Test support only: the conversion itself
-builds no model."""
+"""Tiny Megatron EMO models (built on the CPU backend), trained a few steps and saved.
+
+They are saved the way megatron.training saves them (``dist_checkpointing.save`` of the model's
+sharded state dict): the reference the streaming conversion is compared with. Test support only: the
+conversion itself builds no model.
+"""
 
 from __future__ import annotations
 

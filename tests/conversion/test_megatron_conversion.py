@@ -1,5 +1,7 @@
-"""Megatron <-> HF conversion on tiny EMO models (1 gloo rank; the CPU backend where a test builds
-a Megatron model, ``megatron_cpu``, Megatron's process groups alone for checkpoint IO).
+"""Megatron <-> HF conversion on tiny EMO models.
+
+One gloo rank; the CPU backend where a test builds a Megatron model (``megatron_cpu``),
+Megatron's process groups alone for checkpoint IO.
 
 * A tiny model trained 3 Adam steps with document pools on, exported to HF: HF logits equal
   Megatron logits with pools off (``emo_routing='standard'``, the published HF routing) to
@@ -22,14 +24,20 @@ import shutil
 import pytest
 import torch
 from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
-from mcore_tiny import (build, load_into, megatron_greedy, megatron_logits,
-                        save_megatron_checkpoint, stored_model_tensors, train_few_steps)
+from mcore_tiny import (
+    build,
+    load_into,
+    megatron_greedy,
+    megatron_logits,
+    save_megatron_checkpoint,
+    stored_model_tensors,
+    train_few_steps,
+)
 from safetensors.torch import load_file
 
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.from_hf import import_from_hf
 from megatron_emo.conversion.to_hf import export_to_hf
-
 
 
 def _hf_model(path):

@@ -13,8 +13,8 @@ import os
 
 import pytest
 import torch
-from hf_tiny import TINY
 from helpers import run_distributed
+from hf_tiny import TINY
 
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.to_hf import export_to_hf

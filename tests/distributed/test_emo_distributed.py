@@ -1,6 +1,8 @@
-"""Two gloo processes on CPU: EP=2 equals EP=1; documents split over SP or CP ranks get the pools
-and the per-document routing diagnostics of the unsplit batch; the load-balancing gradient under
-DP=2 equals the single-process gradient.
+"""Two gloo processes on CPU: distributed EMO routing equals the single-process result.
+
+EP=2 equals EP=1; documents split over SP or CP ranks get the pools and the per-document routing
+diagnostics of the unsplit batch; the load-balancing gradient under DP=2 equals the single-process
+gradient.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/distributed -q``
 """
@@ -10,13 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
 from helpers import SEQ, build_tiny_gpt, run_distributed, tiny_batch, tiny_config
 
 
 def _ep_equivalence(rank: int, world_size: int, dispatcher: str) -> None:
-    from megatron_emo.mcore import routing_context
     from megatron_emo.cpu import initialize_model_parallel_cpu
+    from megatron_emo.mcore import routing_context
 
     tokens, position_ids, mask, docs = tiny_batch()  # the same batch on both ranks
 
@@ -29,7 +30,9 @@ def _ep_equivalence(rank: int, world_size: int, dispatcher: str) -> None:
 
     initialize_model_parallel_cpu(expert_model_parallel_size=1, seed=5)
     ref_model = build_tiny_gpt(tiny_config(moe_token_dispatcher_type=dispatcher), seed=11)
-    ref_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in ref_model.state_dict().items()}
+    ref_state = {
+        k: v.clone() if torch.is_tensor(v) else v for k, v in ref_model.state_dict().items()
+    }
     ref_loss, ref_grads = run(ref_model)
 
     initialize_model_parallel_cpu(expert_model_parallel_size=2, seed=5)
@@ -86,7 +89,8 @@ def _expected_full(router, hidden, docs):
     from megatron_emo.routing import emo_route, sample_pool_sizes
 
     config = router.config
-    logits = (hidden.float() @ router.weight.detach().float().t()).reshape(-1, config.num_moe_experts)
+    logits = hidden.float() @ router.weight.detach().float().t()
+    logits = logits.reshape(-1, config.num_moe_experts)
     pools = sample_pool_sizes(
         docs.doc_keys, seed=config.emo_pool_size_seed, iteration=docs.iteration, layer=1,
         min_size=config.emo_pool_size_min, max_size=config.emo_pool_size_max,
@@ -164,8 +168,8 @@ def _lb_gradient(rank: int, world_size: int, accumulate: bool, microbatches: str
     """DP=2 router gradients of the balancing loss, averaged like DDP, vs one process."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_emo.mcore import routing_context
     from megatron_emo.cpu import initialize_model_parallel_cpu
+    from megatron_emo.mcore import routing_context
     from megatron_emo.routing import (
         DocumentBatch,
         document_pool_mask,
@@ -190,8 +194,8 @@ def _lb_gradient(rank: int, world_size: int, accumulate: bool, microbatches: str
 
     # Single-process reference: whole micro-batches, pure functions, autograd, mean over them.
     weight = router.weight.detach().clone().requires_grad_(True)
-    pools = sample_pool_sizes(docs.doc_keys, seed=config.emo_pool_size_seed, iteration=docs.iteration,
-                              layer=1, min_size=3, max_size=9)
+    pools = sample_pool_sizes(docs.doc_keys, seed=config.emo_pool_size_seed,
+                              iteration=docs.iteration, layer=1, min_size=3, max_size=9)
     running, total = torch.zeros(16), 0.0
     for h in hiddens:
         logits = (h.reshape(-1, config.hidden_size) @ weight.t()).reshape(-1, 16)
@@ -199,7 +203,8 @@ def _lb_gradient(rank: int, world_size: int, accumulate: bool, microbatches: str
         result = route_within_pools(logits, in_pool, topk=4, num_shared_experts=1)
         running = running + expert_load(result.routed_map)
         load = running if accumulate else None
-        total = total + load_balancing_loss(result.scores, result.routed_map, topk=3, load_R1=load) / num_mb
+        loss = load_balancing_loss(result.scores, result.routed_map, topk=3, load_R1=load)
+        total = total + loss / num_mb
     total.backward()
 
     # DP = 2: each rank routes half of the sequences of every micro-batch.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from helpers import build_tiny_gpt, capture_router_io, run_distributed, tiny_batch, tiny_config
 
 COMMON = dict(num_moe_experts=16, emo_pool_size_min=3, emo_pool_size_max=12)
@@ -37,8 +36,10 @@ def _expert_name(name: str, ep_rank: int, num_local: int) -> tuple[str, int | No
 
 
 def _balanced_state(model, ref_state: dict, ep_rank: int, num_local: int) -> dict:
-    """The in-router reference weights in the balanced layout; the padding expert and its
-    router row keep arbitrary (large) values that must not matter."""
+    """The in-router reference weights in the balanced layout.
+
+    The padding expert and its router row keep arbitrary (large) values that must not matter.
+    """
     gen = torch.Generator().manual_seed(123)
     state = {}
     for name, value in model.state_dict().items():

@@ -1,6 +1,9 @@
-"""Fixtures for the lm-eval tests: a small sentencepiece tokenizer trained on the embedded corpus,
-a random tiny EMO HF directory whose vocabulary matches it (``hf_tiny`` from ``tests/conversion``,
-importable through ``tests/conftest.py``), and the offline local tasks."""
+"""Fixtures for the lm-eval tests.
+
+A small sentencepiece tokenizer trained on the embedded corpus, a random tiny EMO HF directory whose
+vocabulary matches it (``hf_tiny`` from ``tests/conversion``, importable through
+``tests/conftest.py``), and the offline local tasks.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +39,11 @@ def spm_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, spm_model) -> str:
-    """A random tiny EMO HF directory (2 layers, 8 experts incl. 1 shared, top-3, vocab 512, 512
-    positions) with the sentencepiece model as ``tokenizer.model`` (as ``to-hf --tokenizer``)."""
+    """A random tiny EMO HF directory with the sentencepiece model as its tokenizer.
+
+    2 layers, 8 experts incl. 1 shared, top-3, vocab 512, 512 positions; the sentencepiece model
+    is ``tokenizer.model`` (as ``to-hf --tokenizer``).
+    """
     from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 
     shape = dataclasses.replace(TINY, vocab_size=512, max_position_embeddings=512,
@@ -58,9 +64,11 @@ def task_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def finetune_run(tmp_path_factory, tiny_lm_dir, spm_model, task_dir):
-    """``examples/05_finetune_subset.sh`` (Megatron route) on the tiny model: subset of 4 experts
-    from 4 ``emo_mc_math`` validation prompts, 4 fine-tuning iterations, lm-eval before/after on
-    8 test items. Returns ``(output dir, completed process)``."""
+    """``examples/05_finetune_subset.sh`` (Megatron route) on the tiny model.
+
+    Subset of 4 experts from 4 ``emo_mc_math`` validation prompts, 4 fine-tuning iterations, lm-eval
+    before/after on 8 test items. Returns ``(output dir, completed process)``.
+    """
     run = tmp_path_factory.mktemp("ft")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NVTE_")}
     env.update(PY=sys.executable, PYTHONPATH=REPO, OMP_NUM_THREADS="1", RUN=str(run),

@@ -1,6 +1,8 @@
-"""GPU checks (marker ``gpu``; skipped without CUDA): the routing math gives the same pools and
-experts on CUDA as on CPU, and EMORouter inside a bf16 GPTModel on CUDA (local spec, and the
-Transformer Engine spec when TE is importable) routes exactly like ``emo_route`` on its logits.
+"""GPU checks of the routing (marker ``gpu``; skipped without CUDA).
+
+The routing math gives the same pools and experts on CUDA as on CPU, and EMORouter inside a bf16
+GPTModel on CUDA (local spec, and the Transformer Engine spec when TE is importable) routes exactly
+like ``emo_route`` on its logits.
 
 Run on a GPU machine: ``OMP_NUM_THREADS=1 python -m pytest tests/gpu -m gpu -q``
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
 from helpers import SEQ, VOCAB, free_port, tiny_batch, tiny_config
 
 pytestmark = pytest.mark.gpu
@@ -26,8 +27,10 @@ def test_routing_math_matches_cpu():
     logits = torch.randn(4 * 4096, 128, generator=gen)
     results = []
     for device in ("cpu", "cuda"):
-        pools = sample_pool_sizes(keys.to(device), seed=1, iteration=5, layer=3, min_size=8, max_size=128)
-        probs, routing_map = emo_route(logits.to(device), doc_ids.reshape(-1).to(device), pools, topk=8)
+        pools = sample_pool_sizes(keys.to(device), seed=1, iteration=5, layer=3,
+                                  min_size=8, max_size=128)
+        probs, routing_map = emo_route(logits.to(device), doc_ids.reshape(-1).to(device), pools,
+                                       topk=8)
         results.append((pools.cpu(), probs.cpu(), routing_map.cpu()))
     assert torch.equal(results[0][0], results[1][0])  # integer hash: bit-identical pool sizes
     # Float reductions differ slightly between devices; near-ties could flip, so allow a handful.
@@ -67,9 +70,9 @@ def _te_available() -> bool:
 )
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"], ids=["allgather", "alltoall"])
 def test_gpt_on_cuda_routes_like_emo_route(cuda_world, use_te, dispatcher):
+    from helpers import capture_router_io
     from megatron.core.transformer.moe import moe_logging
 
-    from helpers import capture_router_io
     from megatron_emo.mcore import build_emo_gpt_model, routing_context
     from megatron_emo.routing import emo_route, sample_pool_sizes
 

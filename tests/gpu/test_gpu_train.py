@@ -1,6 +1,8 @@
-"""``python -m megatron_emo.train`` on CUDA (marker ``gpu``): a few bf16 steps of a tiny EMO
-model through ``pretrain()`` without ``--cpu`` (local spec; TE spec too when TE imports), the
-wheel's start-up fixes included; loss decreases and the routing stays inside the pools.
+"""``python -m megatron_emo.train`` on CUDA (marker ``gpu``).
+
+A few bf16 steps of a tiny EMO model through ``pretrain()`` without ``--cpu`` (local spec; TE spec
+too when TE imports), the wheel's start-up fixes included; loss decreases and the routing stays
+inside the pools.
 
 Run on a GPU machine: ``python -m pytest -m gpu tests/gpu/test_gpu_train.py -q``
 """
@@ -36,7 +38,13 @@ def _te_available() -> bool:
 
 @pytest.mark.parametrize(
     "impl",
-    ["local", pytest.param("transformer_engine", marks=pytest.mark.skipif(not _te_available(), reason="no TE"))],
+    [
+        "local",
+        pytest.param(
+            "transformer_engine",
+            marks=pytest.mark.skipif(not _te_available(), reason="no TE"),
+        ),
+    ],
 )
 @pytest.mark.parametrize("routing", ["emo", "standard"])
 def test_train_steps_on_cuda(tmp_path, impl, routing):

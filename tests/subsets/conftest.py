@@ -1,5 +1,8 @@
-"""Fixtures for expert-subset tests: a tiny EMO HF directory (``hf_tiny`` from
-``tests/conversion``). The process-group fixtures come from ``tests/conftest.py``."""
+"""Fixtures for expert-subset tests.
+
+A tiny EMO HF directory (``hf_tiny`` from ``tests/conversion``). The process-group fixtures come
+from ``tests/conftest.py``.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""A real SLURM launch of ``examples/slurm/train_emo.sbatch`` on a one-node local cluster
-(``tools/local_slurm.sh``: munge, slurmctld and slurmd on localhost; Debian's packages are
-installed when missing), in ``--cpu`` mode with 2 processes (EP=2, distributed optimizer) on the
-tiny corpus: the first job stops at iteration 3 like a job reaching its time limit, the
-resubmitted job resumes from its checkpoint. Skipped, saying why, only where SLURM can neither be
-found running nor be installed and started (no root or no apt-get). Run:
+"""A real SLURM launch of ``examples/slurm/train_emo.sbatch`` on a one-node local cluster.
+
+The cluster comes from ``tools/local_slurm.sh`` (munge, slurmctld and slurmd on localhost; Debian's
+packages are installed when missing). It runs in ``--cpu`` mode with 2 processes (EP=2, distributed
+optimizer) on the tiny corpus: the first job stops at iteration 3 like a job reaching its time
+limit, the resubmitted job resumes from its checkpoint. Skipped, saying why, only where SLURM can
+neither be found running nor be installed and started (no root or no apt-get). Run:
 ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/training/test_slurm.py -q``
 """
 
@@ -15,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import free_port
 from train_runs import REPO_ROOT, VOCAB, clean_env, make_corpus, tb_scalars
 

@@ -59,7 +59,9 @@ def make_corpus(prefix: str, *, num_docs: int = 300) -> str:
     return prefix
 
 
-def train_args(data_prefix: str, out_dir: str, *, train_iters: int, extra: list[str] = ()) -> list[str]:
+def train_args(
+    data_prefix: str, out_dir: str, *, train_iters: int, extra: list[str] = ()
+) -> list[str]:
     """The full flag list of a tiny CPU run writing to ``out_dir``."""
     return [
         *CPU_ARGS, *TINY_MODEL_ARGS, *TINY_MOE_ARGS, *TINY_EMO_ARGS,
@@ -69,7 +71,8 @@ def train_args(data_prefix: str, out_dir: str, *, train_iters: int, extra: list[
         "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
         "--data-path", data_prefix, "--split", "98,1,1", "--dataloader-inter-document-masking",
         "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
-        "--tensorboard-dir", os.path.join(out_dir, "tb"), "--data-cache-path", os.path.join(out_dir, "cache"),
+        "--tensorboard-dir", os.path.join(out_dir, "tb"),
+        "--data-cache-path", os.path.join(out_dir, "cache"),
         *extra,
     ]
 
@@ -87,7 +90,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], *, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], *, nproc: int = 1, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Runs the entry point (torchrun for ``nproc > 1``); returns the completed process."""
     env = clean_env()
     if nproc == 1:
@@ -97,7 +102,8 @@ def run_train(args: list[str], *, nproc: int = 1, timeout: int = 300) -> subproc
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", "-m", "megatron_emo.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO_ROOT)
 
 
 def tb_scalars(tb_dir: str) -> dict[str, dict[int, float]]:
@@ -116,5 +122,7 @@ def tb_scalars(tb_dir: str) -> dict[str, dict[int, float]]:
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Raises with the run's output tail when it failed."""
     if proc.returncode != 0:
-        raise AssertionError(f"train exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"train exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
