@@ -24,8 +24,13 @@ MEMORY = ("[Rank 0] (after 2 iterations) memory (MB) | allocated: 0.00 | max all
 
 @pytest.fixture
 def process_state(monkeypatch):
-    """Restores what ``filter_known_messages`` changes: warning filters, logger filters, stdout."""
-    monkeypatch.delenv(quiet.DEBUG_ENV, raising=False)
+    """Restores what ``filter_known_messages`` and ``run_tool`` change.
+
+    Warning filters, logger filters, stdout, and ``MEGATRON_EMO_DEBUG`` (``run_tool(...,
+    ["--debug"])`` sets it for child processes; set to "" here, so it is removed again at
+    teardown instead of leaking into later tests' child runs).
+    """
+    monkeypatch.setenv(quiet.DEBUG_ENV, "")
     stdout = sys.stdout
     loggers = {m.logger for m in quiet.KNOWN_MESSAGES if m.logger}
     before = {name: list(logging.getLogger(name).filters) for name in loggers}
