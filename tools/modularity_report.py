@@ -53,9 +53,9 @@ def main(argv=None) -> None:
     if args.num_random < 0:
         raise ValueError(f"--num-random must be >= 0, got {args.num_random}")
 
-    from megatron_emo.subsets.report import build_modularity_report
-
     import torch
+
+    from megatron_emo.subsets.report import build_modularity_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -78,9 +78,9 @@ def main(argv=None) -> None:
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be at least 1, got {args.num_examples}")
 
-    from megatron_emo.subsets.pipeline import select_and_export
-
     import torch
+
+    from megatron_emo.subsets.pipeline import select_and_export
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 

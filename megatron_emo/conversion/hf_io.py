@@ -284,7 +284,7 @@ class HFWeights:
         return tuple(self._info(name)[1]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        """dtype of ``name`` from its file's header (no data read)."""
+        """Dtype of ``name`` from its file's header (no data read)."""
         code = self._info(name)[1]["dtype"]
         if code not in _ST_DTYPES:
             raise ValueError(f"{name}: unsupported safetensors dtype {code}")

@@ -4,10 +4,18 @@
 Nothing here imports megatron; ``lm_eval`` is imported only when a function needs it.
 """
 
-from megatron_emo.evaluation.harness import (evaluate_model, make_task_manager, summarize_results,
-                                             task_calibration_texts)
-from megatron_emo.evaluation.local_tasks import (LOCAL_GROUP, build_domain_items, local_task_names,
-                                                 write_local_tasks)
+from megatron_emo.evaluation.harness import (
+    evaluate_model,
+    make_task_manager,
+    summarize_results,
+    task_calibration_texts,
+)
+from megatron_emo.evaluation.local_tasks import (
+    LOCAL_GROUP,
+    build_domain_items,
+    local_task_names,
+    write_local_tasks,
+)
 
 __all__ = ["LOCAL_GROUP", "build_domain_items", "evaluate_model", "local_task_names",
            "make_task_manager", "summarize_results", "task_calibration_texts",

@@ -24,8 +24,7 @@ import torch
 
 from megatron_emo.subsets.pruning import mask_experts
 from megatron_emo.subsets.scoring import RoutingStats, moe_blocks, next_token_loss, routing_stats
-from megatron_emo.subsets.selection import (Method, random_scores, select_experts,
-                                            select_from_scores)
+from megatron_emo.subsets.selection import Method, random_scores, select_experts, select_from_scores
 
 __all__ = ["DEFAULT_FRACTIONS", "NUM_RANDOM", "build_modularity_report", "domain_subset_losses",
            "fraction_keep", "load_domain_corpus", "modularity_report", "split_halves",

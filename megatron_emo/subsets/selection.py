@@ -111,7 +111,8 @@ def select_from_scores(scores_R: torch.Tensor, keep_k: int, num_experts: int,
 
 def random_scores(num_routed_per_layer: Sequence[int], seed: int) -> list[torch.Tensor]:
     """Uniform random scores ``(R_l,)`` per layer for ``method="random"``: one generator seeded
-    with ``seed`` draws the layers in order."""
+    with ``seed`` draws the layers in order.
+    """
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(r, generator=gen, dtype=torch.float64) for r in num_routed_per_layer]
 
