@@ -140,7 +140,7 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
         keeps = [fraction_keep(f, b.num_experts, num_shared) for b in blocks]
         if method == "global":
             kept = [select_from_scores(stats.mean_probs(i), k, b.num_experts, num_shared)
-                    for i, (k, b) in enumerate(zip(keeps, blocks))]
+                    for i, (k, b) in enumerate(zip(keeps, blocks, strict=True))]
         else:
             kept = select_experts(model, selection_docs, keep_per_layer=keeps, method=method,
                                   batch_size=batch_size).experts_kept_per_layer
@@ -150,7 +150,7 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
         for r in range(num_random):
             scores = random_scores([b.num_experts - num_shared for b in blocks], random_seed + r)
             rand_kept = [select_from_scores(sc, k, b.num_experts, num_shared)
-                         for sc, k, b in zip(scores, keeps, blocks)]
+                         for sc, k, b in zip(scores, keeps, blocks, strict=True)]
             with mask_experts(model, rand_kept):
                 random_losses.append(next_token_loss(model, heldout_docs,
                                                      batch_size=batch_size)[0])

@@ -88,7 +88,7 @@ def resolve_keep(keep: int | None, keep_per_layer: Sequence[int] | None,
         if len(keeps) != n_layers:
             raise ValueError(f"keep_per_layer has {len(keeps)} entries, the model has {n_layers} "
                              f"layers")
-    for layer, (k, n) in enumerate(zip(keeps, num_experts_per_layer)):
+    for layer, (k, n) in enumerate(zip(keeps, num_experts_per_layer, strict=True)):
         if not num_shared_experts < k <= n:
             raise ValueError(f"keep_k ({k}) for layer {layer} must satisfy num_shared_experts "
                              f"({num_shared_experts}) < keep_k <= num_experts ({n}); keep_k counts "
