@@ -31,6 +31,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def main(argv=None) -> None:
+    """Parses the command line and writes the modularity report to ``--output``."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("checkpoint", help="EMO HF directory or Megatron torch_dist checkpoint")

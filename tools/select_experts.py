@@ -37,6 +37,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv=None) -> None:
+    """Selects the experts and writes the selection and the pruned checkpoints."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("checkpoint", help="EMO HF directory or Megatron torch_dist checkpoint")

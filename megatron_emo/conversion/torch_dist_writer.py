@@ -54,6 +54,7 @@ class TensorChunk:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the chunk's data in ``dtype``."""
         n = 1
         for d in self.size:
             n *= d

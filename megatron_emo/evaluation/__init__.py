@@ -1,5 +1,7 @@
-"""Task evaluation with lm-evaluation-harness: offline local tasks from the embedded corpus
-(``local_tasks``) and lm-eval runs / task calibration data for EMO models (``harness``).
+"""Task evaluation of EMO models with lm-evaluation-harness.
+
+Offline local tasks from the embedded corpus (``local_tasks``) and lm-eval runs / task
+calibration data for EMO models (``harness``).
 
 Nothing here imports megatron; ``lm_eval`` is imported only when a function needs it.
 """

@@ -111,8 +111,9 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
                          method: Method = "global", batch_size: int = 8,
                          stats: RoutingStats | None = None, num_random: int = NUM_RANDOM,
                          random_seed: int = 0) -> dict:
-    """Held-out loss of the full model, of subsets selected on ``selection_docs`` and of random
-    subsets of the same sizes.
+    """Held-out loss of the full model, of selected subsets and of random subsets.
+
+    The subsets are selected on ``selection_docs``; the random ones have the same sizes.
 
     Args:
         model: an ``EmoForCausalLM``.
