@@ -1,7 +1,7 @@
 """Rebuild the embedded sample corpus deterministically (fixed seeds, sorted inputs, gzip mtime 0).
 
-    python tools/build_sample_corpus.py             # -> megatron_emo/preprocessing/sample_corpus/
-    python tools/build_sample_corpus.py /tmp/corpus --domains math narrative
+python tools/build_sample_corpus.py             # -> megatron_emo/preprocessing/sample_corpus/
+python tools/build_sample_corpus.py /tmp/corpus --domains math narrative
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(_TOOLS_DIR))
 
 
 def main(argv=None) -> dict:
+    """Evaluates the models, prints the table and returns it (model -> task -> metric)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("models", nargs="+", help="EMO HF directories or Megatron checkpoints")

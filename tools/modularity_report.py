@@ -31,6 +31,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def main(argv=None) -> None:
+    """Parses the command line and writes the modularity report to ``--output``."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("checkpoint", help="EMO HF directory or Megatron torch_dist checkpoint")
@@ -53,9 +54,9 @@ def main(argv=None) -> None:
     if args.num_random < 0:
         raise ValueError(f"--num-random must be >= 0, got {args.num_random}")
 
-    from megatron_emo.subsets.report import build_modularity_report
-
     import torch
+
+    from megatron_emo.subsets.report import build_modularity_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -37,6 +37,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv=None) -> None:
+    """Selects the experts and writes the selection and the pruned checkpoints."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("checkpoint", help="EMO HF directory or Megatron torch_dist checkpoint")
@@ -78,9 +79,9 @@ def main(argv=None) -> None:
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be at least 1, got {args.num_examples}")
 
-    from megatron_emo.subsets.pipeline import select_and_export
-
     import torch
+
+    from megatron_emo.subsets.pipeline import select_and_export
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -144,7 +144,7 @@ def load_slice(ckpt_dir: str, name: str, stored: dict) -> torch.Tensor:
         info = md.storage_data[MetadataIndex(key, chunk.offsets)]
         t = _read_chunk(ckpt_dir, info)
         sub = t[tuple(index[a] - off[a] for a in range(n))]
-        region = tuple(slice(o, o + s) for o, s in zip(off[n:], size[n:]))
+        region = tuple(slice(o, o + s) for o, s in zip(off[n:], size[n:], strict=True))
         buf[region] = sub
         covered += sub.numel()
         del t, sub

@@ -37,12 +37,18 @@ import torch
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.hf_config import EmoShape, shape_from_hf_config
 from megatron_emo.conversion.hf_io import HFWeights, dtype_from_name
-from megatron_emo.conversion.key_map import (SHARED_ROUTER_ROWS_KEY, Mapping, expand_mappings,
-                                             hf_shapes, mcore_num_experts, mcore_shape,
-                                             padding_for_ep, to_mcore_tensor)
+from megatron_emo.conversion.key_map import (
+    SHARED_ROUTER_ROWS_KEY,
+    Mapping,
+    expand_mappings,
+    hf_shapes,
+    mcore_num_experts,
+    mcore_shape,
+    padding_for_ep,
+    to_mcore_tensor,
+)
 from megatron_emo.conversion.staging import staged_output_dir
-from megatron_emo.conversion.torch_dist_writer import (TensorChunk, extra_state_key,
-                                                       write_torch_dist)
+from megatron_emo.conversion.torch_dist_writer import TensorChunk, extra_state_key, write_torch_dist
 
 __all__ = ["check_parallel_layout", "import_from_hf", "resolve_shared_layout", "training_flags"]
 

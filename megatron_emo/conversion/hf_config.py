@@ -43,6 +43,7 @@ class EmoShape:
 
     @property
     def num_routed_experts(self) -> int:
+        """Routed experts per layer: ``num_experts`` minus the shared ones."""
         return self.num_experts - self.num_shared_experts
 
 
@@ -136,6 +137,7 @@ def write_generation_config(output_dir: str, shape: EmoShape) -> None:
 
 
 def write_config(output_dir: str, shape: EmoShape, torch_dtype: str) -> None:
+    """Writes ``config.json`` of ``shape`` (weights in ``torch_dtype``) to ``output_dir``."""
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(hf_config_dict(shape, torch_dtype), f, indent=2)
 

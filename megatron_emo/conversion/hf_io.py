@@ -154,6 +154,7 @@ class ShardWriter:
         self.largest_shard_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffers a copy of ``tensor`` as ``name``, first flushing a shard it would overflow."""
         nbytes = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
@@ -162,6 +163,7 @@ class ShardWriter:
         self.total_bytes += nbytes
 
     def flush(self) -> None:
+        """Writes the buffered tensors to a temporary shard file (nothing when none are pending)."""
         if not self.pending:
             return
         tmp = os.path.join(self.output_dir, f"tmp-shard-{len(self.files):05d}.safetensors")
@@ -174,6 +176,7 @@ class ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> dict:
+        """Flushes, gives the shards their final names, writes the index and returns it."""
         self.flush()
         n = len(self.files)
         weight_map = {}
@@ -212,6 +215,7 @@ class StreamingShardWriter:
         self._left = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Writes ``tensor``, the next planned one, to disk, opening the next shard as needed."""
         if self._left == 0:
             if self._file is not None:
                 self._file.close()
@@ -226,6 +230,7 @@ class StreamingShardWriter:
         self._left -= 1
 
     def close(self) -> dict:
+        """Closes the last shard, writes the index and returns it; raises if tensors are missing."""
         if self._left or self._shard != len(self.shards) - 1:
             raise ValueError(f"shard writer closed early: shard {self._shard + 1} of "
                              f"{len(self.shards)}, {self._left} tensors left in it")
@@ -265,6 +270,7 @@ class HFWeights:
         self._headers: dict[str, tuple[dict[str, dict], int]] = {}
 
     def names(self) -> set[str]:
+        """Names of all tensors in the directory."""
         return set(self.weight_map)
 
     def _info(self, name: str) -> tuple[str, dict, int]:
@@ -284,7 +290,7 @@ class HFWeights:
         return tuple(self._info(name)[1]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        """dtype of ``name`` from its file's header (no data read)."""
+        """Dtype of ``name`` from its file's header (no data read)."""
         code = self._info(name)[1]["dtype"]
         if code not in _ST_DTYPES:
             raise ValueError(f"{name}: unsupported safetensors dtype {code}")

@@ -300,7 +300,7 @@ def hf_shapes_for(mapping: Mapping, shape: EmoShape) -> dict[str, tuple[int, ...
     h, f = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
     if mapping.op == "qkv":
-        return dict(zip(mapping.hf, [(q, h), (kv, h), (kv, h)]))
+        return dict(zip(mapping.hf, [(q, h), (kv, h), (kv, h)], strict=True))
     if mapping.op == "glu":
         return {mapping.hf[0]: (f, h), mapping.hf[1]: (f, h)}
     if mapping.op in ("router", "router_mlp"):

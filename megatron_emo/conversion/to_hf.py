@@ -18,11 +18,19 @@ from collections.abc import Callable
 import torch
 
 from megatron_emo.conversion import checkpoint_io as cio
-from megatron_emo.conversion.hf_config import (copy_modeling_files, write_config,
-                                               write_generation_config)
+from megatron_emo.conversion.hf_config import (
+    copy_modeling_files,
+    write_config,
+    write_generation_config,
+)
 from megatron_emo.conversion.hf_io import StreamingShardWriter, copy_tokenizer, dtype_from_name
-from megatron_emo.conversion.key_map import (SHARED_ROUTER_ROWS_KEY, expand_mappings,
-                                             hf_shapes_for, mcore_num_experts, to_hf_tensors)
+from megatron_emo.conversion.key_map import (
+    SHARED_ROUTER_ROWS_KEY,
+    expand_mappings,
+    hf_shapes_for,
+    mcore_num_experts,
+    to_hf_tensors,
+)
 from megatron_emo.conversion.staging import staged_output_dir
 
 __all__ = ["export_to_hf"]

@@ -27,10 +27,12 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
-                                                   TensorProperties)
-from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, WriteItem,
-                                                  WriteItemType)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 __all__ = ["TensorChunk", "extra_state_key", "write_torch_dist"]
 
@@ -52,6 +54,7 @@ class TensorChunk:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the chunk's data in ``dtype``."""
         n = 1
         for d in self.size:
             n *= d

@@ -49,8 +49,11 @@ def read_corpus_domains(files: Sequence[str] | None = None) -> dict[str, list[st
 
 
 def _cut(text: str, start: int, num_chars: int) -> int | None:
-    """End of a piece of ``text`` from ``start``: the first whitespace at or after
-    ``start + num_chars`` (so words stay whole), or None when the text ends before that."""
+    """End of a piece of ``text`` from ``start``, or None when the text ends too early.
+
+    The piece ends at the first whitespace at or after ``start + num_chars`` (so words stay
+    whole); None when the text ends before that.
+    """
     for end in range(start + num_chars, len(text)):
         if text[end].isspace():
             return end
@@ -59,8 +62,11 @@ def _cut(text: str, start: int, num_chars: int) -> int | None:
 
 def _split_document(text: str, context_chars: int, continuation_chars: int
                     ) -> tuple[str, str] | None:
-    """``(context, continuation)``: the continuation starts with the whitespace that ended the
-    context, so ``context + continuation`` is a prefix of the document."""
+    """Splits a document into ``(context, continuation)``, or None when it is too short.
+
+    The continuation starts with the whitespace that ended the context, so
+    ``context + continuation`` is a prefix of the document.
+    """
     ctx_end = _cut(text, 0, context_chars)
     if ctx_end is None:
         return None
@@ -134,9 +140,11 @@ def build_domain_items(texts: Sequence[str], domain: str, *, num_test: int = 100
 
 
 def _write_if_changed(path: str, text: str) -> None:
-    """Writes ``text`` atomically, and only when the file differs: readers in other processes
-    never see a half-written file, and an unchanged file keeps its mtime (the datasets cache
-    of lm-eval's json loader stays valid)."""
+    """Writes ``text`` to ``path`` atomically, and only when the file differs.
+
+    Readers in other processes never see a half-written file, and an unchanged file keeps its
+    mtime (the datasets cache of lm-eval's json loader stays valid).
+    """
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             if f.read() == text:

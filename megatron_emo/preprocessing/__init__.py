@@ -1,5 +1,7 @@
-"""Offline preprocessing: JSONL/token-array files to Megatron ``IndexedDataset``, tokenizer
-training, and the embedded multi-domain sample corpus (``sample_corpus_files()``).
+"""Offline preprocessing: indexed datasets, tokenizer training and the sample corpus.
+
+JSONL/token-array files to Megatron ``IndexedDataset``, tokenizer training, and the embedded
+multi-domain sample corpus (``sample_corpus_files()``).
 
 The training-time dataset that reads these files lives in ``megatron_emo/training/``.
 """

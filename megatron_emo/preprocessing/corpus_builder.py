@@ -200,7 +200,7 @@ _MATH_KINDS = (_linear_equation, _linear_system, _quadratic, _fractions, _gcd, _
 def _math_records(seed: int) -> list[dict]:
     rng = random.Random(seed)
     records = []
-    for i in range(DOCS_PER_DOMAIN):
+    for _ in range(DOCS_PER_DOMAIN):
         num_problems = rng.choice([1, 1, 2, 3, 4, 6, 8, 12])
         problems = [f"Problem {k + 1}. {rng.choice(_MATH_KINDS)(rng)}"
                     for k in range(num_problems)]

@@ -74,10 +74,10 @@ def train_sentencepiece(
     byte_fallback: bool = True,
     num_threads: int = 1,
 ) -> str:
-    """Trains ``{output_prefix}.model`` and ``.vocab``; same input and flags give the same bytes.
+    r"""Trains ``{output_prefix}.model`` and ``.vocab``; same input and flags give the same bytes.
 
     Whitespace is kept as is (identity normalization, no whitespace collapsing) so code keeps its
-    indentation, and ``"\\n"`` is a user-defined piece. With ``byte_fallback`` no text maps to
+    indentation, and ``"\n"`` is a user-defined piece. With ``byte_fallback`` no text maps to
     ``<unk>``.
 
     Args:

@@ -7,10 +7,18 @@ module level; Megatron is used only to export / import torch_dist checkpoints.
 """
 
 from megatron_emo.subsets.pipeline import select_and_export
-from megatron_emo.subsets.pruning import (export_megatron_subset, mask_experts, prune_hf_dir,
-                                          prune_hf_model)
-from megatron_emo.subsets.report import (build_modularity_report, domain_subset_losses,
-                                         load_domain_corpus, modularity_report)
+from megatron_emo.subsets.pruning import (
+    export_megatron_subset,
+    mask_experts,
+    prune_hf_dir,
+    prune_hf_model,
+)
+from megatron_emo.subsets.report import (
+    build_modularity_report,
+    domain_subset_losses,
+    load_domain_corpus,
+    modularity_report,
+)
 from megatron_emo.subsets.scoring import next_token_loss, routing_stats
 from megatron_emo.subsets.selection import Selection, select_experts
 from megatron_emo.subsets.sources import load_examples, load_hf_model, resolve_hf_dir

@@ -19,12 +19,23 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 
-from megatron_emo.subsets.pruning import (check_megatron_subset, export_megatron_subset,
-                                          layer_num_experts, prune_hf_dir)
+from megatron_emo.subsets.pruning import (
+    check_megatron_subset,
+    export_megatron_subset,
+    layer_num_experts,
+    prune_hf_dir,
+)
 from megatron_emo.subsets.selection import Method, Selection, resolve_keep, select_experts
-from megatron_emo.subsets.sources import (Examples, examples_from_texts, load_examples,
-                                          load_hf_model, load_tokenizer, read_emo_config,
-                                          resolve_hf_dir, subsample_indices)
+from megatron_emo.subsets.sources import (
+    Examples,
+    examples_from_texts,
+    load_examples,
+    load_hf_model,
+    load_tokenizer,
+    read_emo_config,
+    resolve_hf_dir,
+    subsample_indices,
+)
 
 __all__ = ["load_calibration", "select_and_export"]
 

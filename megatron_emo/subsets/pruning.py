@@ -45,7 +45,7 @@ def _check_kept(kept: Sequence[Sequence[int]], counts: Sequence[int], num_shared
     if len(kept) != len(counts):
         raise ValueError(f"experts_kept_per_layer has {len(kept)} layers, the model has "
                          f"{len(counts)}")
-    for layer, (ids, n) in enumerate(zip(kept, counts)):
+    for layer, (ids, n) in enumerate(zip(kept, counts, strict=True)):
         shared = list(range(n - num_shared, n))
         ids = [int(j) for j in ids]
         routed = [j for j in ids if j < n - num_shared]
@@ -69,7 +69,7 @@ def mask_experts(model, experts_kept_per_layer: Sequence[Sequence[int] | None]) 
     blocks = moe_blocks(model)
     handles = []
     try:
-        for block, kept in zip(blocks, experts_kept_per_layer):
+        for block, kept in zip(blocks, experts_kept_per_layer, strict=False):
             if kept is None:
                 continue
             keep_E = torch.zeros(block.num_experts, dtype=torch.bool)
@@ -107,7 +107,7 @@ def prune_hf_model(model, experts_kept_per_layer: Sequence[Sequence[int]]):
     blocks = moe_blocks(model)
     counts = [b.num_experts for b in blocks]
     _check_kept(experts_kept_per_layer, counts, model.config.num_shared_experts)
-    for block, kept in zip(blocks, experts_kept_per_layer):
+    for block, kept in zip(blocks, experts_kept_per_layer, strict=True):
         kept = list(kept)
         gate = nn.Linear(block.gate.in_features, len(kept), bias=False,
                          dtype=block.gate.weight.dtype, device=block.gate.weight.device)

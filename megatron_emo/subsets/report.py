@@ -24,8 +24,7 @@ import torch
 
 from megatron_emo.subsets.pruning import mask_experts
 from megatron_emo.subsets.scoring import RoutingStats, moe_blocks, next_token_loss, routing_stats
-from megatron_emo.subsets.selection import (Method, random_scores, select_experts,
-                                            select_from_scores)
+from megatron_emo.subsets.selection import Method, random_scores, select_experts, select_from_scores
 
 __all__ = ["DEFAULT_FRACTIONS", "NUM_RANDOM", "build_modularity_report", "domain_subset_losses",
            "fraction_keep", "load_domain_corpus", "modularity_report", "split_halves",
@@ -112,8 +111,9 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
                          method: Method = "global", batch_size: int = 8,
                          stats: RoutingStats | None = None, num_random: int = NUM_RANDOM,
                          random_seed: int = 0) -> dict:
-    """Held-out loss of the full model, of subsets selected on ``selection_docs`` and of random
-    subsets of the same sizes.
+    """Held-out loss of the full model, of selected subsets and of random subsets.
+
+    The subsets are selected on ``selection_docs``; the random ones have the same sizes.
 
     Args:
         model: an ``EmoForCausalLM``.
@@ -141,7 +141,7 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
         keeps = [fraction_keep(f, b.num_experts, num_shared) for b in blocks]
         if method == "global":
             kept = [select_from_scores(stats.mean_probs(i), k, b.num_experts, num_shared)
-                    for i, (k, b) in enumerate(zip(keeps, blocks))]
+                    for i, (k, b) in enumerate(zip(keeps, blocks, strict=True))]
         else:
             kept = select_experts(model, selection_docs, keep_per_layer=keeps, method=method,
                                   batch_size=batch_size).experts_kept_per_layer
@@ -151,7 +151,7 @@ def domain_subset_losses(model, selection_docs: Sequence[Sequence[int]],
         for r in range(num_random):
             scores = random_scores([b.num_experts - num_shared for b in blocks], random_seed + r)
             rand_kept = [select_from_scores(sc, k, b.num_experts, num_shared)
-                         for sc, k, b in zip(scores, keeps, blocks)]
+                         for sc, k, b in zip(scores, keeps, blocks, strict=True)]
             with mask_experts(model, rand_kept):
                 random_losses.append(next_token_loss(model, heldout_docs,
                                                      batch_size=batch_size)[0])

@@ -55,16 +55,19 @@ class Selection:
         return self.keep_per_layer[0] if len(set(self.keep_per_layer)) == 1 else None
 
     def to_dict(self) -> dict:
+        """The selection as a JSON-ready dict, with ``keep_k`` added."""
         d = asdict(self)
         d["keep_k"] = self.keep_k
         return d
 
     def save(self, path: str) -> None:
+        """Writes the selection to ``path`` as JSON."""
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
     def load(cls, path: str) -> Selection:
+        """Reads a selection written by ``save`` (the derived ``keep_k`` is dropped)."""
         d = json.load(open(path))
         d.pop("keep_k", None)
         return cls(**d)
@@ -88,7 +91,7 @@ def resolve_keep(keep: int | None, keep_per_layer: Sequence[int] | None,
         if len(keeps) != n_layers:
             raise ValueError(f"keep_per_layer has {len(keeps)} entries, the model has {n_layers} "
                              f"layers")
-    for layer, (k, n) in enumerate(zip(keeps, num_experts_per_layer)):
+    for layer, (k, n) in enumerate(zip(keeps, num_experts_per_layer, strict=True)):
         if not num_shared_experts < k <= n:
             raise ValueError(f"keep_k ({k}) for layer {layer} must satisfy num_shared_experts "
                              f"({num_shared_experts}) < keep_k <= num_experts ({n}); keep_k counts "
@@ -110,8 +113,10 @@ def select_from_scores(scores_R: torch.Tensor, keep_k: int, num_experts: int,
 
 
 def random_scores(num_routed_per_layer: Sequence[int], seed: int) -> list[torch.Tensor]:
-    """Uniform random scores ``(R_l,)`` per layer for ``method="random"``: one generator seeded
-    with ``seed`` draws the layers in order."""
+    """Uniform random scores ``(R_l,)`` per layer for ``method="random"``.
+
+    One generator seeded with ``seed`` draws the layers in order.
+    """
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(r, generator=gen, dtype=torch.float64) for r in num_routed_per_layer]
 

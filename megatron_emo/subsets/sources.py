@@ -107,6 +107,7 @@ class Examples:
 
     @property
     def num_tokens(self) -> int:
+        """Total number of tokens over all sequences."""
         return sum(len(s) for s in self.sequences)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .configuration_emo import EmoConfig
@@ -248,9 +248,11 @@ class EmoModel(EmoPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self):
+        """Returns the token embedding."""
         return self.embed_tokens
 
     def set_input_embeddings(self, value):
+        """Replaces the token embedding with ``value``."""
         self.embed_tokens = value
 
     def forward(
@@ -265,6 +267,7 @@ class EmoModel(EmoPreTrainedModel):
         cache_position=None,
         **kwargs,
     ):
+        """Returns a ``MoeModelOutputWithPast``: final hidden states, cache and router logits."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -338,15 +341,19 @@ class EmoForCausalLM(EmoPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_input_embeddings(self):
+        """Returns the token embedding of the decoder."""
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value):
+        """Replaces the decoder's token embedding with ``value``."""
         self.model.embed_tokens = value
 
     def get_output_embeddings(self):
+        """Returns the LM head."""
         return self.lm_head
 
     def set_output_embeddings(self, new_embeddings):
+        """Replaces the LM head with ``new_embeddings``."""
         self.lm_head = new_embeddings
 
     def forward(
@@ -365,8 +372,10 @@ class EmoForCausalLM(EmoPreTrainedModel, GenerationMixin):
         num_items_in_batch=None,
         **kwargs,
     ):
-        """Causal-LM forward; with ``labels`` the loss is the token cross-entropy plus the
-        router load-balancing loss (``output_router_logits``).
+        """Causal-LM forward; returns a ``MoeCausalLMOutputWithPast`` (logits, loss with labels).
+
+        With ``labels`` the loss is the token cross-entropy plus the router load-balancing loss
+        (``output_router_logits``).
 
         ``num_items_in_batch`` (passed by ``transformers.Trainer``, which then does not divide
         by the gradient-accumulation steps): the loss is the *sum* of token losses divided by
