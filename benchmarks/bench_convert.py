@@ -35,8 +35,10 @@ MIB = 2**20
 
 
 def _stage(code: str, root: str = ROOT) -> tuple[float, float, str]:
-    """Runs ``code`` in a fresh interpreter with ``root`` first on sys.path: (wall s, peak RSS
-    MiB, stdout)."""
+    """Runs ``code`` in a fresh interpreter with ``root`` first on sys.path.
+
+    Returns (wall s, peak RSS MiB, stdout).
+    """
     wrapper = (
         "import resource, sys, time\n"
         f"sys.path.insert(0, {root!r})\n"

@@ -118,8 +118,12 @@ def evaluate_model_dir(model_dir: str, data_dir: str, task_dir: str, *, seed: in
     from megatron_emo.subsets.pruning import prune_hf_model
     from megatron_emo.subsets.report import fraction_keep, split_halves
     from megatron_emo.subsets.selection import select_experts
-    from megatron_emo.subsets.sources import (examples_from_texts, load_hf_model, load_tokenizer,
-                                              subsample_indices)
+    from megatron_emo.subsets.sources import (
+        examples_from_texts,
+        load_hf_model,
+        load_tokenizer,
+        subsample_indices,
+    )
 
     torch.manual_seed(seed)
     model = load_hf_model(os.path.join(model_dir, "hf"))
@@ -237,9 +241,10 @@ def print_tables(results: dict[str, dict]) -> None:
     for kind in kinds:
         cells = [_mean_sd(over_seeds(kind, lambda r: r["full_loss"]), signed=False)]
         for f in FRACTIONS:
-            cells.append(_mean_sd(over_seeds(kind, lambda r: r["loss"][str(f)] - r["full_loss"])))
             cells.append(_mean_sd(over_seeds(
-                kind, lambda r: r["loss_random"][str(f)] - r["full_loss"])))
+                kind, lambda r, f=f: r["loss"][str(f)] - r["full_loss"])))
+            cells.append(_mean_sd(over_seeds(
+                kind, lambda r, f=f: r["loss_random"][str(f)] - r["full_loss"])))
         print(f"| {label[kind]} | " + " | ".join(cells) + " |")
 
     print("\n### Calibration size (25% of experts, greedy-layerwise): loss increase\n")
@@ -248,14 +253,14 @@ def print_tables(results: dict[str, dict]) -> None:
     print("|---|" + "---:|" * len(sizes))
     for kind in kinds:
         print(f"| {label[kind]} | " + " | ".join(_mean_sd(over_seeds(
-            kind, lambda r: r["calibration"][s] - r["full_loss"])) for s in sizes) + " |")
+            kind, lambda r, s=s: r["calibration"][s] - r["full_loss"])) for s in sizes) + " |")
 
     print("\n### Selection method (25% of experts, all selection documents): loss increase\n")
     print("| model | " + " | ".join(METHODS) + " |")
     print("|---|" + "---:|" * len(METHODS))
     for kind in kinds:
         print(f"| {label[kind]} | " + " | ".join(_mean_sd(over_seeds(
-            kind, lambda r: r["methods"][m] - r["full_loss"])) for m in METHODS) + " |")
+            kind, lambda r, m=m: r["methods"][m] - r["full_loss"])) for m in METHODS) + " |")
 
     print(f"\n### Local-task accuracy (emo_mc, 4 choices, mean of 5 domains x {TASK_LIMIT} "
           f"items)\n")
@@ -264,7 +269,7 @@ def print_tables(results: dict[str, dict]) -> None:
     print("|---|" + "---:|" * len(cols))
     for kind in kinds:
         print(f"| {label[kind]} | " + " | ".join(_mean_sd(over_seeds(
-            kind, lambda r: r["task_acc"][c[0]]), signed=False) for c in cols) + " |")
+            kind, lambda r, c=c: r["task_acc"][c[0]]), signed=False) for c in cols) + " |")
 
     tuned = [k for k in kinds if all("finetune" in row for name, res in results.items()
                                      if name.startswith(k + "_")

@@ -73,7 +73,8 @@ def train_command(p: dict, data: str, out: str, routing: str, te: bool) -> list[
         "--untie-embeddings-and-output-weights", "--disable-bias-linear",
         "--hidden-dropout", "0", "--attention-dropout", "0",
         "--num-experts", str(p["experts"]), "--moe-router-topk", str(p["topk"]),
-        "--moe-ffn-hidden-size", str(p["expert_ffn"]), "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-ffn-hidden-size", str(p["expert_ffn"]),
+        "--moe-router-load-balancing-type", "aux_loss",
         "--moe-aux-loss-coeff", "0.1", "--moe-z-loss-coeff", "0.001", "--moe-router-dtype", "fp32",
         "--moe-token-dispatcher-type", "alltoall",
         "--emo-routing", routing, "--emo-num-shared-experts", str(p["shared"]),
@@ -91,7 +92,8 @@ def train_command(p: dict, data: str, out: str, routing: str, te: bool) -> list[
     ]
 
 
-_ITER = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+).*?lm loss: ([\dE+.-]+)")
+_ITER = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+)"
+                   r".*?lm loss: ([\dE+.-]+)")
 
 
 def run_mode(p: dict, data: str, routing: str, te: bool, warmup: int) -> dict:
@@ -102,7 +104,8 @@ def run_mode(p: dict, data: str, routing: str, te: bool, warmup: int) -> dict:
         proc = subprocess.run(train_command(p, data, out, routing, te), capture_output=True,
                               text=True, env=env, cwd=REPO_ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"{routing} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise SystemExit(f"{routing} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-5000:]}")
     rows = [(int(i), float(ms), float(loss)) for i, ms, loss in _ITER.findall(proc.stdout)]
     timed = [ms for i, ms, _ in rows if i > warmup]
     step_ms = statistics.median(timed)
@@ -111,7 +114,8 @@ def run_mode(p: dict, data: str, routing: str, te: bool, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     parser.add_argument("--warmup", type=int, default=3, help="iterations left out of the median")
     parser.add_argument("--te", action="store_true", help="TE spec with grouped GEMM (needs TE)")
@@ -129,14 +133,16 @@ def main() -> None:
         results = {mode: run_mode(p, data, mode, args.te, args.warmup) for mode in order}
     base = results["standard"]["step_ms"]
     print(f"\npreset {args.preset}: {p['layers']} layers, d {p['hidden']}, {p['experts']} experts "
-          f"({p['shared']} shared) of {p['expert_ffn']}, top-{p['topk']}, seq {p['seq']} x mbs {p['mbs']}, "
+          f"({p['shared']} shared) of {p['expert_ffn']}, top-{p['topk']}, "
+          f"seq {p['seq']} x mbs {p['mbs']}, "
           f"{'TE' if args.te else 'local'} spec; median over iterations > {args.warmup}; run order "
           f"{' then '.join(order)}\n")
     print("| routing | step ms | tokens/s | step time vs standard |")
     print("|---|---:|---:|---:|")
     for mode in ("standard", "emo"):
         r = results[mode]
-        print(f"| {mode} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['step_ms'] / base:.3f}x |")
+        print(f"| {mode} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{r['step_ms'] / base:.3f}x |")
     for mode, r in results.items():
         print(f"{mode} losses: " + " ".join(f"{x:.3f}" for x in r["losses"]))
 

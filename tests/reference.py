@@ -35,7 +35,8 @@ def _top_indices(values: list[float], count: int) -> list[int]:
 
 
 def reference_pools(
-    logits: torch.Tensor, doc_ids: torch.Tensor, pool_sizes: torch.Tensor, *, num_shared_experts: int
+    logits: torch.Tensor, doc_ids: torch.Tensor, pool_sizes: torch.Tensor, *,
+    num_shared_experts: int,
 ) -> dict[int, set[int]]:
     """Each document's pool of routed experts: ``{doc_id: set(expert indices)}``.
 
@@ -100,7 +101,7 @@ def reference_emo_route(
         pool = sorted(pools[ids[t]])
         pool_probs = _softmax([rows[t][e] for e in pool])
         masked = [0.0] * num_routed
-        for e, p in zip(pool, pool_probs):
+        for e, p in zip(pool, pool_probs, strict=True):
             masked[e] = p
         # Only pool experts are candidates (out-of-pool ones have probability exactly 0).
         candidates = sorted(pool, key=lambda e: (-masked[e], e))[:num_slots]
@@ -114,7 +115,9 @@ def reference_emo_route(
     return torch.tensor(probs, dtype=dtype), torch.tensor(routing_map, dtype=torch.bool)
 
 
-def reference_load_balancing_loss(scores: torch.Tensor, routed_map: torch.Tensor, topk_routed: int) -> float:
+def reference_load_balancing_loss(
+    scores: torch.Tensor, routed_map: torch.Tensor, topk_routed: int
+) -> float:
     """``(R / K) * sum_e (count_e / T) * mean_t scores[t, e]`` by loops (``emo_spec.md`` 2.2)."""
     num_tokens, num_routed = scores.shape
     s = scores.detach().double().tolist()
@@ -139,7 +142,9 @@ def reference_z_loss(masked_logits: torch.Tensor) -> float:
     return total / len(rows)
 
 
-def reference_doc_ids_from_eod(tokens_BS: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_doc_ids_from_eod(
+    tokens_BS: torch.Tensor, eod_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Document ids by loops: an EOD belongs to the document it ENDS; ids dense across the batch.
 
     Returns:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from megatron_emo.conversion.hf_config import (EmoShape, copy_modeling_files, write_config,
-                                               write_generation_config)
+from megatron_emo.conversion.hf_config import (
+    EmoShape,
+    copy_modeling_files,
+    write_config,
+    write_generation_config,
+)
 from megatron_emo.conversion.hf_io import ShardWriter
 from megatron_emo.conversion.key_map import hf_shapes
 

@@ -1,7 +1,8 @@
-"""HF directory I/O without megatron: shard size limits and index, tokenizer export with its
-vocab check (HF ``tokenizer.json``; a sentencepiece ``.model`` file is copied
-as ``tokenizer.model`` without a vocab check, since sentencepiece is not a dependency), and the
-``--dtype`` names.
+"""HF directory I/O without megatron.
+
+Shard size limits and index, tokenizer export with its vocab check (HF ``tokenizer.json``; a
+sentencepiece ``.model`` file is copied as ``tokenizer.model`` without a vocab check, since
+sentencepiece is not a dependency), and the ``--dtype`` names.
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest tests/conversion/test_hf_io.py -q``
 """
@@ -14,8 +15,13 @@ import os
 import pytest
 import torch
 
-from megatron_emo.conversion.hf_io import (HFWeights, ShardWriter, StreamingShardWriter,
-                                           copy_tokenizer, dtype_from_name)
+from megatron_emo.conversion.hf_io import (
+    HFWeights,
+    ShardWriter,
+    StreamingShardWriter,
+    copy_tokenizer,
+    dtype_from_name,
+)
 
 
 def test_shard_writer_limits_shards_and_indexes_everything(tmp_path):

@@ -31,7 +31,7 @@ def _slow_moe(block, x):
         logits = block.gate(x[t])
         p = F.softmax(logits[:num_routed], dim=-1)
         w, ids = p.topk(block.top_k - block.num_shared_experts)
-        for wi, e in zip(w, ids):
+        for wi, e in zip(w, ids, strict=True):
             out[t] += wi * block.experts[int(e)](x[t])
         for s in range(num_routed, block.num_experts):
             out[t] += block.experts[s](x[t])  # softmax over one shared logit = 1.0
@@ -104,9 +104,12 @@ def test_left_padded_batch_generates_like_single_prompts(tmp_path):
 
 
 def test_no_non_persistent_buffers(tmp_path):
-    """transformers 5.x builds models on the meta device and leaves custom non-persistent buffers
+    """The modeling code keeps no non-persistent buffers.
+
+    transformers 5.x builds models on the meta device and leaves custom non-persistent buffers
     uninitialised after ``from_pretrained`` (RoPE ``inv_freq`` once held garbage there, making
-    routing depend on the load); the modeling code must keep none."""
+    routing depend on the load).
+    """
     from hf_tiny import random_hf_state_dict, write_hf_dir
     from transformers import AutoModelForCausalLM
 

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from megatron_emo.conversion.hf_config import EmoShape, hf_config_dict, shape_from_hf_config
-from megatron_emo.conversion.key_map import (MCORE_ALIASES, expand_mappings, hf_shapes, mcore_shape,
-                                             to_hf_tensors, to_mcore_tensor)
+from megatron_emo.conversion.key_map import (
+    MCORE_ALIASES,
+    expand_mappings,
+    hf_shapes,
+    mcore_shape,
+    to_hf_tensors,
+    to_mcore_tensor,
+)
 
 EMO_1B14B = EmoShape(num_layers=16, hidden_size=2048, num_attention_heads=16,
                      num_key_value_heads=16, head_dim=128, intermediate_size=1024, num_experts=128,

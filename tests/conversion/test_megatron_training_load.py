@@ -63,8 +63,10 @@ def _router_supports_padding() -> bool:
 
 
 def _load_checkpoint(ckpt, model, monkeypatch):
-    from megatron.core.num_microbatches_calculator import (destroy_num_microbatches_calculator,
-                                                           init_num_microbatches_calculator)
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
+        init_num_microbatches_calculator,
+    )
     from megatron.training import global_vars
     from megatron.training.arguments import parse_args
     from megatron.training.checkpointing import load_checkpoint

@@ -1,5 +1,7 @@
-"""Fine-tuning an expert subset on a task: the Megatron route (``examples/05_finetune_subset.sh``
-end to end) and the Hugging Face route (``tools/finetune_subset.py hf``, transformers Trainer).
+"""Fine-tuning an expert subset on a task: the Megatron route and the Hugging Face route.
+
+The Megatron route is ``examples/05_finetune_subset.sh`` end to end, the Hugging Face route
+``tools/finetune_subset.py hf`` (transformers Trainer).
 
 * Megatron route on a tiny random model: subset from 4 ``emo_mc_math`` prompts (4 of 8 experts)
   -> ``python -m megatron_emo.train --finetune`` (4 iterations on the task's train split) ->

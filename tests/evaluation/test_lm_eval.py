@@ -28,8 +28,10 @@ TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "to
 
 
 def _tool(name: str):
-    """A tools/ script as a module under a private name (``evaluate`` would shadow the HF
-    ``evaluate`` package that some lm-eval tasks import)."""
+    """A tools/ script as a module under a private name.
+
+    ``evaluate`` would shadow the HF ``evaluate`` package that some lm-eval tasks import.
+    """
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"emo_tool_{name}",
@@ -92,7 +94,7 @@ def test_task_calibration_texts(task_dir):
     shots = task_calibration_texts("emo_mc_math", num_fewshot=1, num_examples=5, seed=3,
                                    task_dir=task_dir)
     assert len(shots) == 5
-    for text, own in zip(shots, texts):
+    for text, own in zip(shots, texts, strict=True):
         assert text.endswith("\n\n" + own) and text[:-len(own) - 2] in train
     with pytest.raises(ValueError, match=r"unknown lm-eval tasks \['emo_mc_poetry'\]"):
         task_calibration_texts("emo_mc_poetry", task_dir=task_dir)
@@ -101,8 +103,11 @@ def test_task_calibration_texts(task_dir):
 
 
 def _hand_accuracy(model_dir, items, tokenizer):
-    """acc / acc_norm by hand: argmax over choices of the summed log-probability of the choice's
-    tokens after the context (split as lm-eval splits context + continuation)."""
+    """``acc`` / ``acc_norm`` by hand.
+
+    Argmax over choices of the summed log-probability of the choice's tokens after the context
+    (split as lm-eval splits context + continuation).
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
@@ -117,16 +122,19 @@ def _hand_accuracy(model_dir, items, tokenizer):
                 logp = model(torch.tensor([whole[:-1]])).logits[0].log_softmax(-1)
             lls.append(sum(float(logp[len(whole) - len(cont) - 1 + j, t])
                            for j, t in enumerate(cont)))
-        norm = [ll / len(c.encode("utf-8")) for ll, c in zip(lls, it["choices"])]
+        norm = [ll / len(c.encode("utf-8")) for ll, c in zip(lls, it["choices"], strict=True)]
         hits += int(max(range(4), key=lambda i: lls[i]) == it["label"])
         hits_norm += int(max(range(4), key=lambda i: norm[i]) == it["label"])
     return hits / len(items), hits_norm / len(items)
 
 
 def test_select_from_task_then_lm_eval_scores_pruned_export(finetune_run, task_dir):
-    """``examples/05_finetune_subset.sh`` selected its subset with ``select_experts.py --task``
-    and had lm-eval (``tools/evaluate.py``, HF backend, ``trust_remote_code``) score the pruned
-    export: the scores equal a hand loop over the same 8 test items."""
+    """The lm-eval scores of the task-selected pruned export equal a hand loop.
+
+    ``examples/05_finetune_subset.sh`` selected its subset with ``select_experts.py --task`` and had
+    lm-eval (``tools/evaluate.py``, HF backend, ``trust_remote_code``) score the pruned export: the
+    scores equal a hand loop over the same 8 test items.
+    """
     from megatron_emo.subsets.sources import load_tokenizer
 
     out, _ = finetune_run

@@ -17,6 +17,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import (
+    build_tiny_gpt,
+    capture_router_io,
+    forward_with_docs,
+    tiny_batch,
+    tiny_config,
+)
 from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 from megatron.core.transformer.moe import moe_logging
 from megatron.core.transformer.moe.moe_utils import (
@@ -25,13 +32,6 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from torch.overrides import TorchFunctionMode
 
-from helpers import (
-    build_tiny_gpt,
-    capture_router_io,
-    forward_with_docs,
-    tiny_batch,
-    tiny_config,
-)
 from megatron_emo.mcore import RoutingMetricsTracker, routing_context
 from megatron_emo.routing import (
     document_pool_mask,
@@ -144,8 +144,11 @@ def test_in_router_shared_experts_at_ep_above_one_warn_with_the_balanced_flags()
 # ----------------------------------------------------------------------------- capacity
 
 def test_capacity_factor_drops_only_routed_assignments():
-    """cf 1.0, 16 experts, top-4 (3 routed + shared), 128 tokens: Megatron's drop over the whole
-    map would keep the shared expert for 32 tokens only."""
+    """Capacity factor 1.0 drops routed assignments only, never the shared expert.
+
+    cf 1.0, 16 experts, top-4 (3 routed + shared), 128 tokens: Megatron's drop over the whole map
+    would keep the shared expert for 32 tokens only.
+    """
     config = tiny_config(num_moe_experts=16, moe_router_topk=4, moe_expert_capacity_factor=1.0,
                          emo_pool_size_min=3, emo_pool_size_max=12)
     model = build_tiny_gpt(config)
@@ -250,8 +253,11 @@ def test_router_logits_are_fp32_without_moe_router_dtype():
 # ----------------------------------------------------------------------------- host syncs
 
 class _NoHostSync(TorchFunctionMode):
-    """Records calls that copy device data to the host or a host value to the device on CUDA
-    (a CPU stand-in for ``torch.cuda.set_sync_debug_mode('error')``)."""
+    """Records calls that would synchronise the host with a CUDA device.
+
+    Calls that copy device data to the host or a host value to the device on CUDA (a CPU stand-in
+    for ``torch.cuda.set_sync_debug_mode('error')``).
+    """
 
     SYNCING = {
         "item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",

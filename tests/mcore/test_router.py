@@ -1,5 +1,7 @@
-"""EMORouter inside a real Megatron GPTModel on CPU: spec wiring, routing equals ``emo_route``,
-pools respected, losses attached and logged, configuration errors.
+"""EMORouter inside a real Megatron GPTModel on CPU.
+
+Spec wiring, routing equals ``emo_route``, pools respected, losses attached and logged,
+configuration errors.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/mcore -q``
 """
@@ -8,10 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.moe import moe_logging
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
 from helpers import (
     build_tiny_gpt,
     capture_router_io,
@@ -19,6 +17,10 @@ from helpers import (
     tiny_batch,
     tiny_config,
 )
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.moe import moe_logging
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
 from megatron_emo.mcore import EMORouter, routing_context, with_emo_router
 from megatron_emo.mcore.specs import is_moe_mlp
 from megatron_emo.routing import (
@@ -35,7 +37,9 @@ def _expected_routing(record, docs, config, *, train: bool):
     """emo_route on the logits recomputed from the router's recorded input."""
     router = record["router"]
     hidden = record["hidden"]
-    logits_TE = (hidden.float() @ router.weight.detach().float().t()).reshape(-1, config.num_moe_experts)
+    logits_TE = (hidden.float() @ router.weight.detach().float().t()).reshape(
+        -1, config.num_moe_experts
+    )
     doc_ids_T = docs.doc_ids.t().reshape(-1)
     if train:
         pools = sample_pool_sizes(
@@ -61,7 +65,8 @@ def test_spec_puts_emo_router_in_every_moe_layer():
     layers = model.decoder.layers
     kinds = [type(getattr(layer.mlp, "router", None)).__name__ for layer in layers]
     assert kinds == ["EMORouter", "NoneType", "EMORouter", "EMORouter"]
-    assert [layer.mlp.router.layer_number for layer in layers if hasattr(layer.mlp, "router")] == [1, 3, 4]
+    assert [layer.mlp.router.layer_number for layer in layers
+            if hasattr(layer.mlp, "router")] == [1, 3, 4]
 
 
 def test_with_emo_router_leaves_the_input_spec_alone():
@@ -169,7 +174,8 @@ def test_aux_losses_are_logged_and_match_the_pure_functions():
         expected_lb = load_balancing_loss(result.scores, result.routed_map, topk=2)
         # Logged value = loss / per-layer coefficient; per-layer coefficient = coeff / 2 layers.
         assert router.lb_coeff == pytest.approx(config.moe_aux_loss_coeff / 2)
-        torch.testing.assert_close(lb_logged[router.layer_number - 1], expected_lb, atol=1e-6, rtol=0)
+        torch.testing.assert_close(lb_logged[router.layer_number - 1], expected_lb,
+                                   atol=1e-6, rtol=0)
     assert torch.all(values["z_loss"].values > 0)
 
 
@@ -182,7 +188,8 @@ def test_aux_loss_gradient_reaches_the_router_weight():
     (loss * 0).sum().backward()
     router = model.decoder.layers[0].mlp.router
     assert router.weight.grad.abs().sum() > 0
-    no_aux = build_tiny_gpt(tiny_config(num_layers=1, moe_z_loss_coeff=None, moe_aux_loss_coeff=0.0))
+    no_aux = build_tiny_gpt(tiny_config(num_layers=1, moe_z_loss_coeff=None,
+                                        moe_aux_loss_coeff=0.0))
     (forward_with_docs(no_aux, tiny_batch()) * 0).sum().backward()
     assert no_aux.decoder.layers[0].mlp.router.weight.grad.abs().sum() == 0
 
@@ -212,7 +219,8 @@ def test_megatron_shared_expert_mlp_with_zero_router_shared_experts():
 
 
 def test_bf16_params_with_fp32_router():
-    config = tiny_config(bf16=True, params_dtype=torch.bfloat16, moe_token_dispatcher_type="allgather")
+    config = tiny_config(bf16=True, params_dtype=torch.bfloat16,
+                         moe_token_dispatcher_type="allgather")
     model = build_tiny_gpt(config).to(torch.bfloat16)
     records = capture_router_io(model)
     loss = forward_with_docs(model, tiny_batch())
@@ -269,7 +277,8 @@ def test_capacity_factor_drops_tokens_but_keeps_pools():
         (dict(emo_routing="pools"), "emo_routing"),
         (dict(moe_router_load_balancing_type="seq_aux_loss"), "seq_aux_loss"),
         (dict(moe_router_score_function="sqrtsoftplus"), "sqrtsoftplus"),
-        (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), "recompute"),
+        (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+         "recompute"),
         (dict(recompute_granularity="selective", recompute_modules=["moe"]), "recompute"),
         (dict(mtp_num_layers=1), "mtp_num_layers"),
     ],
@@ -286,7 +295,8 @@ def test_contradictory_configs_fail_at_construction(overrides, message):
 def test_router_refuses_a_plain_transformer_config():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=8)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                               num_moe_experts=8)
     with pytest.raises(TypeError, match="EMOTransformerConfig"):
         EMORouter(config)
 

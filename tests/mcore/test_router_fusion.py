@@ -15,9 +15,9 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import build_tiny_gpt, capture_router_io, tiny_batch, tiny_config
 from megatron.core.transformer.moe import moe_logging
 
-from helpers import build_tiny_gpt, capture_router_io, tiny_batch, tiny_config
 from megatron_emo.mcore import EMOTransformerConfig, RoutingMetricsTracker, routing_context
 
 pytest.importorskip("triton")

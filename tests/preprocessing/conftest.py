@@ -1,5 +1,8 @@
-"""Fixtures for the preprocessing tests: a tiny JSONL corpus, a tiny sentencepiece model and a local
-Hugging Face tokenizer directory (built with ``tokenizers``, no hub access)."""
+"""Fixtures for the preprocessing tests.
+
+A tiny JSONL corpus, a tiny sentencepiece model and a local Hugging Face tokenizer directory (built
+with ``tokenizers``, no hub access).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""examples/01_preprocess.sh: parses with ``bash -n`` and, run for real on the embedded corpus,
-trains a tokenizer and writes a reconciled dataset whose metadata sidecar names all 5 domains.
+"""``examples/01_preprocess.sh`` parses and, run for real, writes a reconciled dataset.
+
+It parses with ``bash -n`` and, run for real on the embedded corpus, trains a tokenizer and writes a
+reconciled dataset whose metadata sidecar names all 5 domains.
 
     PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_example_preprocess.py
 """

@@ -1,7 +1,8 @@
-"""Zero documents is refused: ``tools/preprocess_data.py`` on an empty JSONL, on one where every
-record is skipped, or on an empty token array exits 1 with a message and writes nothing;
-``--allow-empty`` writes the empty dataset (which Megatron's ``IndexedDataset`` cannot even
-open: numpy refuses to mmap an empty ``.bin``).
+"""Zero documents is refused.
+
+``tools/preprocess_data.py`` on an empty JSONL, on one where every record is skipped, or on an empty
+token array exits 1 with a message and writes nothing; ``--allow-empty`` writes the empty dataset
+(which Megatron's ``IndexedDataset`` cannot even open: numpy refuses to mmap an empty ``.bin``).
 
 Run:
 ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/preprocessing/test_preprocess_empty.py -q``

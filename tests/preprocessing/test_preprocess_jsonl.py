@@ -1,6 +1,8 @@
-"""JSONL -> .bin/.idx preprocessing: round trips for both tokenizer types, EOD parity with
-megatron.training, bad-input categories, reconciliation, fail mode, crash safety, multi-file/gzip
-input and order preservation with 2 workers.
+"""JSONL -> .bin/.idx preprocessing.
+
+Round trips for both tokenizer types, EOD parity with megatron.training, bad-input categories,
+reconciliation, fail mode, crash safety, multi-file/gzip input and order preservation with 2
+workers.
 
     PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_preprocess_jsonl.py
 """

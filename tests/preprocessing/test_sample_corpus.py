@@ -1,5 +1,7 @@
-"""The committed sample corpus: >= 5 domains x >= 300 documents with full records, and the build
-script reproduces it byte for byte (generated domains always; all domains in the slow test).
+"""The committed sample corpus and the script that builds it.
+
+>= 5 domains x >= 300 documents with full records, and the build script reproduces it byte for byte
+(generated domains always; all domains in the slow test).
 
     PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_sample_corpus.py [-m slow]
 """

@@ -1,5 +1,7 @@
-"""Flat token arrays (Dolma ``.npy``, raw or with header) -> .bin/.idx: EOS splitting across chunk
-boundaries, trailing fragments, dtype choice, id bounds; and GPTDataset reading our output.
+"""Flat token arrays (Dolma ``.npy``, raw or with header) -> .bin/.idx.
+
+EOS splitting across chunk boundaries, trailing fragments, dtype choice, id bounds; and GPTDataset
+reading our output.
 
     PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_token_arrays.py
 """

@@ -1,5 +1,7 @@
-"""Sentencepiece training: Megatron's SentencePieceTokenizer (as megatron.training builds it) loads
-the model with eod=2 and pad=3, training is byte-deterministic, and text round-trips exactly.
+"""Sentencepiece training, as Megatron's SentencePieceTokenizer loads it.
+
+Megatron's SentencePieceTokenizer (as megatron.training builds it) loads the model with eod=2 and
+pad=3, training is byte-deterministic, and text round-trips exactly.
 
     PYTHONPATH=. python -m pytest -x -q tests/preprocessing/test_tokenizer_training.py
 """

@@ -12,8 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_emo.subsets import (mask_experts, modularity_report, prune_hf_dir, select_and_export,
-                                  select_experts)
+from megatron_emo.subsets import (
+    mask_experts,
+    modularity_report,
+    prune_hf_dir,
+    select_and_export,
+    select_experts,
+)
 from megatron_emo.subsets.selection import METHODS
 from megatron_emo.subsets.sources import load_hf_model
 
@@ -55,7 +60,7 @@ def test_cuda_matches_cpu(tmp_path, tiny_hf_dir):
     for d in corpus:
         la, lb = ra["losses"][d], rb["losses"][d]
         assert abs(la["full_loss"] - lb["full_loss"]) <= 1e-4
-        for sa, sb in zip(la["subsets"], lb["subsets"]):
+        for sa, sb in zip(la["subsets"], lb["subsets"], strict=True):
             assert sa["experts_kept_per_layer"] == sb["experts_kept_per_layer"]
             assert abs(sa["loss"] - sb["loss"]) <= 1e-4
     bf16 = load_hf_model(tiny_hf_dir, dtype="bfloat16", device="cuda")

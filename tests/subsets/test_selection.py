@@ -43,7 +43,7 @@ def _hand_scores(model, examples):
             out = model(torch.tensor([ex]), output_router_logits=True, use_cache=False)
             probs = [lg[:, : lg.shape[1] - S].float().softmax(-1).sum(0) for lg in
                      out.router_logits]
-            sums = probs if sums is None else [a + b for a, b in zip(sums, probs)]
+            sums = probs if sums is None else [a + b for a, b in zip(sums, probs, strict=True)]
             count += len(ex)
     return [s / count for s in sums]
 

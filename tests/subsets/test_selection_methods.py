@@ -86,8 +86,11 @@ def test_easy_ep_scores_match_token_loop(model):
 
 
 def test_easy_ep_drops_a_silent_expert_that_global_keeps(model):
-    """Expert 2 of layer 0 gets a dominant gate row but outputs zeros: global keeps it (mean
-    probability), EASY-EP scores it 0 (its output norm is 0) and keeps the others."""
+    """EASY-EP drops an expert that outputs zeros; global selection keeps it.
+
+    Expert 2 of layer 0 gets a dominant gate row but outputs zeros: global keeps it (mean
+    probability), EASY-EP scores it 0 (its output norm is 0) and keeps the others.
+    """
     m = copy.deepcopy(model)
     block = m.model.layers[0].mlp
     with torch.no_grad():

@@ -1,8 +1,9 @@
-"""Every CLI in ``tools/`` on bad input, as a user runs it: ``error: <message>`` as the only line on
-stderr, exit code 2, no traceback and no irrelevant warning (``megatron_emo/cli.py``,
-``megatron_emo/quiet.py``). Includes the cases of issue 16: ``to-hf`` on a directory that is not a
-checkpoint (which initialises torch.distributed, whose excepthook prefixes ``[rank0]:``), and
-``select_experts.py`` with an empty examples file and with ``--keep 99``.
+"""Every CLI in ``tools/`` on bad input, as a user runs it.
+
+``error: <message>`` as the only line on stderr, exit code 2, no traceback and no irrelevant warning
+(``megatron_emo/cli.py``, ``megatron_emo/quiet.py``). Includes the cases of issue 16: ``to-hf`` on a
+directory that is not a checkpoint (which initialises torch.distributed, whose excepthook prefixes
+``[rank0]:``), and ``select_experts.py`` with an empty examples file and with ``--keep 99``.
 
 The tools run as subprocesses, two at a time (each imports torch and megatron, ~7 s of CPU).
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/tools -q``

@@ -1,5 +1,6 @@
-"""Documents in training batches: ``EMOGPTDataset`` ids and keys against GPTDataset's own
-``cu_seqlens`` and the stored documents (no model, no process group).
+"""Documents in training batches (no model, no process group).
+
+``EMOGPTDataset`` ids and keys against GPTDataset's own ``cu_seqlens`` and the stored documents.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/training/test_documents_in_batches.py -q``
 """
@@ -45,7 +46,9 @@ def corpus(tmp_path_factory):
 
 
 def _build(prefix: str, *, inter_document_masking: bool = True, num_samples: int = 80):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     from megatron_emo.training.dataset import EMOGPTDataset
@@ -92,7 +95,8 @@ def test_segments_match_cu_seqlens_and_stored_documents(corpus):
             part = tokens[int(cu[d]) : int(cu[d + 1])]
             doc = docs[int(keys_S[d])]
             # Each segment is a contiguous slice of the document its key names.
-            starts = [s for s in range(len(doc) - len(part) + 1) if (doc[s : s + len(part)] == part).all()]
+            starts = [s for s in range(len(doc) - len(part) + 1)
+                      if (doc[s : s + len(part)] == part).all()]
             assert starts, f"sample {idx} segment {d} is not part of document {int(keys_S[d])}"
             # EOD closes a document: inside a segment, only its last token may be EOD.
             assert not (part[:-1] == EOD).any()
@@ -137,9 +141,12 @@ def test_documents_from_batch_dense_ids_and_blend_keys():
     assert docs.doc_keys.tolist() == [7, 8, 9, 9, 4]
     assert docs.iteration == 11 and docs.num_docs == 5
     blended = documents_from_batch(
-        {"doc_segments": segments, "doc_keys": keys, "dataset_id": torch.tensor([0, 2])}, iteration=0
+        {"doc_segments": segments, "doc_keys": keys, "dataset_id": torch.tensor([0, 2])},
+        iteration=0,
     )
-    assert blended.doc_keys.tolist() == [7, 8, 9, (2 << DATASET_KEY_SHIFT) + 9, (2 << DATASET_KEY_SHIFT) + 4]
+    assert blended.doc_keys.tolist() == [
+        7, 8, 9, (2 << DATASET_KEY_SHIFT) + 9, (2 << DATASET_KEY_SHIFT) + 4
+    ]
 
 
 def test_attention_mask_agrees_with_documents(corpus):
@@ -156,8 +163,9 @@ def test_attention_mask_agrees_with_documents(corpus):
     for b, sample in enumerate(samples):
         cu = torch.unique_consecutive(sample["cu_seqlens"]).tolist()
         allowed = torch.zeros(SEQ, SEQ, dtype=torch.bool)
-        for start, end in zip(cu[:-1], cu[1:]):
-            allowed[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        for start, end in zip(cu[:-1], cu[1:], strict=True):
+            allowed[start:end, start:end] = torch.ones(end - start, end - start,
+                                                       dtype=torch.bool).tril()
         assert torch.equal(~mask[b, 0], allowed)
 
 
@@ -165,18 +173,25 @@ def test_token_segments_padding_and_extra_token():
     from megatron_emo.training.dataset import token_segments
 
     # 3 parts fetched for S=8 plus the label-only extra token (in the last part).
-    assert token_segments([3, 4, 2], seq_length=8, add_extra_token=True).tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert token_segments([3, 4, 2], seq_length=8, add_extra_token=True).tolist() == [
+        0, 0, 0, 1, 1, 1, 1, 2
+    ]
     # The extra token alone in the last part adds no segment.
-    assert token_segments([4, 4, 1], seq_length=8, add_extra_token=True).tolist() == [0] * 4 + [1] * 4
+    assert (token_segments([4, 4, 1], seq_length=8, add_extra_token=True).tolist()
+            == [0] * 4 + [1] * 4)
     # A short (padded) sample folds the padding into the last document, as cu_seqlens does.
-    assert token_segments([2, 3], seq_length=8, add_extra_token=True).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert token_segments([2, 3], seq_length=8, add_extra_token=True).tolist() == [
+        0, 0, 1, 1, 1, 1, 1, 1
+    ]
     with pytest.raises(ValueError, match="seq_length 4"):
         token_segments([3, 4], seq_length=4, add_extra_token=False)
 
 
 def test_mock_dataset_samples_carry_documents():
     """``--mock-data``: EMOMockGPTDataset samples carry segments that match its cu_seqlens."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     from megatron_emo.training.dataset import EMOMockGPTDataset
@@ -186,7 +201,9 @@ def test_mock_dataset_samples_carry_documents():
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, inter_document_masking=True, path_to_cache=None,
     )
-    train, _, _ = BlendedMegatronDatasetBuilder(EMOMockGPTDataset, [16, None, None], lambda: True, config).build()
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        EMOMockGPTDataset, [16, None, None], lambda: True, config
+    ).build()
     for idx in range(8):
         sample = train[idx]
         cu = torch.unique_consecutive(sample["cu_seqlens"])

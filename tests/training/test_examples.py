@@ -1,5 +1,7 @@
-"""The example scripts: syntax, a dry argument check of the 1B14B recipe, the SLURM script
-rendered with fake SLURM variables, and the CPU quickstart end to end (short).
+"""The example scripts.
+
+Syntax, a dry argument check of the 1B14B recipe, the SLURM script rendered with fake SLURM
+variables, and the CPU quickstart end to end (short).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/training/test_examples.py -q``
 """
@@ -14,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from train_runs import clean_env
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").rglob("*") if p.suffix in (".sh", ".sbatch"))
+SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").rglob("*")
+                 if p.suffix in (".sh", ".sbatch"))
 
 
 def _env(**extra) -> dict:
@@ -36,18 +38,21 @@ def sp_model(tmp_path_factory) -> str:
     from megatron_emo.preprocessing import sample_corpus_files
 
     prefix = tmp_path_factory.mktemp("tok") / "tok"
-    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", *sample_corpus_files()[:2],
+    subprocess.run([sys.executable, "tools/train_tokenizer.py",
+                    "--input", *sample_corpus_files()[:2],
                     "--vocab-size", "512", "--output-prefix", str(prefix)],
                    cwd=REPO, check=True, env=_env(), capture_output=True)
     return f"{prefix}.model"
 
 
-@pytest.mark.parametrize("script", ["examples/02_train_emo_1b14b.sh", "examples/02b_train_stdmoe_1b14b.sh"])
+@pytest.mark.parametrize("script", ["examples/02_train_emo_1b14b.sh",
+                                    "examples/02b_train_stdmoe_1b14b.sh"])
 def test_recipe_flags_pass_dry_run(script, sp_model):
     """Every flag of the 128-GPU recipe parses and passes Megatron's and EMO's checks."""
     env = _env(DRY_RUN="1", NNODES="16", NGPU="8", TOKENIZER_TYPE="SentencePieceTokenizer",
                TOKENIZER_MODEL=sp_model)
-    proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if "arguments OK" in ln]
     assert line, proc.stdout[-2000:]
@@ -64,7 +69,8 @@ def test_sbatch_renders_with_fake_slurm(tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     scontrol = fake_bin / "scontrol"
-    scontrol.write_text("#!/usr/bin/env bash\nprintf 'node-a17\\nnode-a18\\nnode-a19\\nnode-a20\\n'\n")
+    scontrol.write_text("#!/usr/bin/env bash\n"
+                        "printf 'node-a17\\nnode-a18\\nnode-a19\\nnode-a20\\n'\n")
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     env = _env(PATH=f"{fake_bin}:{os.environ['PATH']}", DRY_RUN="1", SLURM_JOB_NUM_NODES="4",
                SLURM_JOB_NODELIST="node-a[17-20]", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="8",
@@ -79,7 +85,8 @@ def test_sbatch_renders_with_fake_slurm(tmp_path):
     assert "--container-image" in srun and "--nodes 4" in srun
     assert re.search(r"torchrun\\? --nnodes\\? 4", srun) or "--nnodes 4" in srun.replace("\\", "")
     assert "node-a17:29500" in srun and "megatron_emo.train" in srun
-    assert "--emo-routing" in srun and "--load" in srun and str(tmp_path / "run") in srun.replace("\\", "")
+    assert ("--emo-routing" in srun and "--load" in srun
+            and str(tmp_path / "run") in srun.replace("\\", ""))
 
 
 def test_quickstart_end_to_end(tmp_path):
@@ -89,7 +96,8 @@ def test_quickstart_end_to_end(tmp_path):
     proc = subprocess.run(["bash", "examples/00_quickstart_cpu.sh", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    losses = [float(x) for x in re.findall(r"lm loss: ([\d.E+-]+)", (out / "train.log").read_text())]
+    losses = [float(x) for x in
+              re.findall(r"lm loss: ([\d.E+-]+)", (out / "train.log").read_text())]
     assert len(losses) >= 3 and losses[-1] < losses[0] - 0.5, losses  # iterations 1, 10, 20, 30
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

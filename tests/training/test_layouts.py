@@ -1,8 +1,9 @@
-"""Every parallel layout through ``python -m megatron_emo.train --cpu`` (gloo, 1-4 processes),
-against the single-process run: TP=2 + sequence parallelism from the same seed, DP=2 with the
-distributed optimizer, resume of a (TP=1, EP=1, DP=2) distributed-optimizer checkpoint at EP=2,
-TP=2 + SP, DP=1 and EP=2 x TP=2 with the optimizer state, and virtual pipeline stages reporting
-every chunk's routing metrics.
+"""Every parallel layout through ``python -m megatron_emo.train --cpu``, against one process.
+
+Each layout (gloo, 1-4 processes) is compared with the single-process run: TP=2 + sequence
+parallelism from the same seed, DP=2 with the distributed optimizer, resume of a (TP=1, EP=1, DP=2)
+distributed-optimizer checkpoint at EP=2, TP=2 + SP, DP=1 and EP=2 x TP=2 with the optimizer state,
+and virtual pipeline stages reporting every chunk's routing metrics.
 
 Every step is one micro-batch per rank (micro-batch 4 at DP=1, 2 at DP=2): the load-balancing
 loss is taken per micro-batch over its TP x DP x CP ranks, so the layouts balance the same token
@@ -18,7 +19,6 @@ import math
 import os
 
 import pytest
-
 from train_runs import check, make_corpus, run_train, tb_scalars, train_args
 
 ITERS = 5
@@ -64,8 +64,10 @@ def reference(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dp2_dist_opt(corpus, tmp_path_factory):
-    """(TP=1, EP=1, DP=2) with the distributed optimizer; a fully reshardable torch_dist
-    checkpoint at step SAVE_AT."""
+    """(TP=1, EP=1, DP=2) with the distributed optimizer.
+
+    Saves a fully reshardable torch_dist checkpoint at step SAVE_AT.
+    """
     out = str(tmp_path_factory.mktemp("dp2"))
     extra = [*DIST_OPT, "--save", os.path.join(out, "ckpt"), "--save-interval", str(SAVE_AT)]
     check(run_train(train_args(corpus, out, train_iters=ITERS, extra=extra), nproc=2, timeout=600))
@@ -84,9 +86,12 @@ def test_dp2_distributed_optimizer_equals_dp1(reference, dp2_dist_opt):
 
 
 def test_tp2_sequence_parallel_equals_tp1(reference, corpus, tmp_path):
-    """TP=2 + SP from the same seed: the first 3 losses equal TP=1, per-layer pool sizes are
-    identical, and every routed token stays in its document's pool (documents are cut by the
-    sequence shards; their pools come from the whole document)."""
+    """TP=2 + SP from the same seed matches TP=1.
+
+    The first 3 losses equal TP=1, per-layer pool sizes are identical, and every routed token stays
+    in its document's pool (documents are cut by the sequence shards; their pools come from the
+    whole document).
+    """
     args = train_args(corpus, str(tmp_path), train_iters=3, extra=[*DP1, *TP2_SP])
     check(run_train(args, nproc=2, timeout=600))
     tp2 = tb_scalars(os.path.join(tmp_path, "tb"))
@@ -130,10 +135,13 @@ def ep2_resumed(corpus, dp2_dist_opt, tmp_path_factory):
 def test_resume_in_another_layout_with_optimizer_state(
     reference, dp2_dist_opt, corpus, tmp_path, request, layout
 ):
-    """The (TP=1, EP=1, DP=2) checkpoint resumes in another layout WITH the distributed
-    optimizer's state: the next two losses equal the uninterrupted run's (the second depends on
-    the Adam moments and step; without them it is 4.670 instead of 4.592) and the pools are the
-    same. EP=2 and EP=2 x TP=2 are also the issue's 'train and match the single-process run'."""
+    """The (TP=1, EP=1, DP=2) checkpoint resumes in another layout with the optimizer state.
+
+    With the distributed optimizer's state, the next two losses equal the uninterrupted run's (the
+    second depends on the Adam moments and step; without them it is 4.670 instead of 4.592) and the
+    pools are the same. EP=2 and EP=2 x TP=2 are also the issue's 'train and match the
+    single-process run'.
+    """
     ckpt, uninterrupted = dp2_dist_opt
     if layout == "ep2":
         _, resumed = request.getfixturevalue("ep2_resumed")
@@ -157,8 +165,11 @@ def test_resume_in_another_layout_with_optimizer_state(
 def test_ep2_checkpoint_resumes_at_ep1_with_optimizer_state(
     reference, ep2_resumed, corpus, tmp_path
 ):
-    """The reverse direction: an EP=2 distributed-optimizer checkpoint (a dense and an expert
-    optimizer) resumes at EP=1, DP=1 (one optimizer) with its state."""
+    """The reverse direction: an EP=2 checkpoint resumes at EP=1, DP=1 with its state.
+
+    The EP=2 checkpoint has the distributed optimizer's two optimizers (a dense and an expert one);
+    EP=1, DP=1 has one optimizer.
+    """
     ckpt, _ = ep2_resumed
     resumed = _resume(corpus, ckpt, tmp_path, "dp1", step=SAVE_AT + 1)
     _print_table("resumed at dp1 (saved at EP=2)", reference, [("dp1", resumed)], [ITERS])
@@ -166,10 +177,13 @@ def test_ep2_checkpoint_resumes_at_ep1_with_optimizer_state(
 
 
 def test_virtual_pipeline_reports_every_chunk(corpus, tmp_path):
-    """PP=2 with 2 virtual stages of 1 layer (stage 0 holds layers 1 and 3): every layer's routing
-    metrics at every step, with the pool sizes of the PP=1 run (pool sizes depend only on seed,
-    iteration, layer and document). Before the fix only the chunk of the step's first forward
-    was reported, the other chunk's sums piled up until the end of training."""
+    """PP=2 with 2 virtual stages reports every chunk's routing metrics at every step.
+
+    2 virtual stages of 1 layer (stage 0 holds layers 1 and 3): every layer's routing metrics at
+    every step, with the pool sizes of the PP=1 run (pool sizes depend only on seed, iteration,
+    layer and document). Before the fix only the chunk of the step's first forward was reported, the
+    other chunk's sums piled up until the end of training.
+    """
     four = ["--num-layers", "4"]  # micro-batch 2: 2 micro-batches, as the schedule needs M >= PP
     check(run_train(train_args(corpus, str(tmp_path / "pp1"), train_iters=3, extra=four)))
     pp1 = tb_scalars(str(tmp_path / "pp1" / "tb"))
@@ -198,11 +212,14 @@ BALANCED = [  # the recipe's EP-balanced layout: SharedExpertMLP, 7 routed + 1 p
 
 
 def test_balanced_layout_resumes_at_ep2_tp2_sp_with_optimizer_state(corpus, tmp_path):
-    """The recipe's layout (Megatron's SharedExpertMLP, split by TP and fed the sequence-parallel
-    shards, and a never-routed padding expert): a (TP=1, EP=1, DP=2) distributed-optimizer run
-    saved at step 2 and resumed at EP=2 x TP=2 + SP (4 ranks) gives the uninterrupted run's next
-    two losses, every token in its pool. (From scratch the layouts cannot agree: Megatron seeds
-    the expert weights per EP rank.)"""
+    """The recipe's layout resumes at EP=2 x TP=2 + SP with the uninterrupted run's losses.
+
+    The layout: Megatron's SharedExpertMLP, split by TP and fed the sequence-parallel shards, and a
+    never-routed padding expert. A (TP=1, EP=1, DP=2) distributed-optimizer run saved at step 2 and
+    resumed at EP=2 x TP=2 + SP (4 ranks) gives the uninterrupted run's next two losses, every token
+    in its pool. (From scratch the layouts cannot agree: Megatron seeds the expert weights per EP
+    rank.)
+    """
     saved = tmp_path / "dp2"
     ckpt = str(saved / "ckpt")
     extra = [*BALANCED, *DIST_OPT, "--save", ckpt, "--save-interval", "2"]

@@ -1,5 +1,7 @@
-"""Logged losses: every logged step of a resumed run equals the uninterrupted run, on stdout and
-in TensorBoard; and a ``--cpu`` run prints none of ``megatron_emo/quiet.py``'s known messages.
+"""Logged losses of a resumed run, and a ``--cpu`` run without known messages.
+
+Every logged step of a resumed run equals the uninterrupted run, on stdout and in TensorBoard; and a
+``--cpu`` run prints none of ``megatron_emo/quiet.py``'s known messages.
 
 Megatron 0.19.2 keeps its stdout loss sums after a run's first iteration even when that iteration
 ends a ``--log-interval`` window, so the next printed ``lm loss`` / ``load_balancing_loss`` /
@@ -16,7 +18,6 @@ import os
 import re
 
 import pytest
-
 from train_runs import check, make_corpus, run_train, tb_scalars, train_args
 
 ITERS = 6
@@ -52,8 +53,10 @@ def runs(tmp_path_factory):
 
 
 def test_log_interval_1_prints_each_steps_own_losses(runs):
-    """At --log-interval 1 every printed value is that step's (TensorBoard) value; before the
-    fix step 2 printed the mean of steps 1 and 2."""
+    """At --log-interval 1 every printed value is that step's (TensorBoard) value.
+
+    Before the fix step 2 printed the mean of steps 1 and 2.
+    """
     proc, tb = runs["base"]
     printed = _stdout_losses(proc.stdout)
     assert sorted(printed) == list(range(1, ITERS + 1))
@@ -64,9 +67,12 @@ def test_log_interval_1_prints_each_steps_own_losses(runs):
 
 
 def test_resumed_run_logs_every_step_like_the_uninterrupted_run(runs):
-    """Resume from step 3 at --log-interval 2: step 4 (first, ends a window) prints step 4's
-    losses and step 6 the mean of steps 5 and 6, as an uninterrupted run does (before the fix:
-    the mean of 4, 5 and 6). TensorBoard gets exactly the uninterrupted run's values."""
+    """Resume from step 3 at --log-interval 2 logs what an uninterrupted run logs.
+
+    Step 4 (first, ends a window) prints step 4's losses and step 6 the mean of steps 5 and 6, as an
+    uninterrupted run does (before the fix: the mean of 4, 5 and 6). TensorBoard gets exactly the
+    uninterrupted run's values.
+    """
     base_proc, base_tb = runs["base"]
     proc, tb = runs["resumed"]
     base_printed = _stdout_losses(base_proc.stdout)
@@ -90,8 +96,11 @@ def test_resumed_run_logs_every_step_like_the_uninterrupted_run(runs):
 
 
 def test_cpu_run_prints_no_known_irrelevant_message(runs):
-    """``--cpu`` output has none of the CPU-scope messages of megatron_emo/quiet.py (without the
-    filter it printed all nine), but still the losses, routing metrics and validation."""
+    """``--cpu`` output has none of the CPU-scope messages of megatron_emo/quiet.py.
+
+    Without the filter it printed all nine; the losses, routing metrics and validation are still
+    printed.
+    """
     from megatron_emo.quiet import KNOWN_MESSAGES
 
     proc, _ = runs["base"]

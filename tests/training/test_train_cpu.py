@@ -1,5 +1,6 @@
-"""``python -m megatron_emo.train --cpu``: pretrain() smoke, resume equality, EP resharding,
-the standard-MoE baseline and start-up refusals, on a tiny model and corpus (1-2 gloo ranks).
+"""``python -m megatron_emo.train --cpu`` on a tiny model and corpus (1-2 gloo ranks).
+
+pretrain() smoke, resume equality, EP resharding, the standard-MoE baseline and start-up refusals.
 
 Each run is a subprocess (about 15-30 s on 2 cores). Run:
 ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/training/test_train_cpu.py -q``
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from train_runs import check, make_corpus, run_train, tb_scalars, train_args
 
 ITERS = 8
@@ -79,7 +79,8 @@ def ep2_resumed_run(base_run, corpus, tmp_path_factory):
     out, _, _ = base_run
     ep2 = str(tmp_path_factory.mktemp("ep2"))
     args = train_args(corpus, ep2, train_iters=ITERS, extra=[
-        "--expert-model-parallel-size", "2", "--load", os.path.join(out, "ckpt"), "--ckpt-step", "4",
+        "--expert-model-parallel-size", "2", "--load", os.path.join(out, "ckpt"),
+        "--ckpt-step", "4",
         "--no-load-optim", "--no-load-rng",
         "--save", os.path.join(ep2, "ckpt"), "--save-interval", "2",
     ])
@@ -106,8 +107,10 @@ def test_ep2_checkpoint_resumes_at_ep1(ep2_resumed_run, corpus, tmp_path):
 
 
 def test_standard_routing_baseline_trains_with_the_balanced_layout(corpus, tmp_path):
-    """The recipe's standard twin (02b): no pools, and the EP-balanced layout (SharedExpertMLP,
-    7 routed + 1 padding expert)."""
+    """The recipe's standard twin (02b): no pools, and the EP-balanced layout.
+
+    The EP-balanced layout: SharedExpertMLP, 7 routed + 1 padding expert.
+    """
     balanced = ["--emo-num-shared-experts", "0", "--emo-num-padding-experts", "1",
                 "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "64"]
     args = train_args(corpus, str(tmp_path), train_iters=4,
@@ -142,8 +145,11 @@ def test_contradictory_flags_fail_at_start_up(corpus, tmp_path, change, named):
 
 
 def test_pp1_checkpoint_resumes_at_pp2(base_run, corpus, tmp_path):
-    """PP=2 over 2 gloo ranks: both stages get the documents (same per-layer pool sizes as PP=1)
-    and the next step's loss matches the PP=1 run."""
+    """PP=2 over 2 gloo ranks matches the PP=1 run.
+
+    Both stages get the documents (same per-layer pool sizes as PP=1) and the next step's loss
+    matches the PP=1 run.
+    """
     out, _, base = base_run
     args = train_args(corpus, str(tmp_path), train_iters=5, extra=[
         "--pipeline-model-parallel-size", "2", "--load", os.path.join(out, "ckpt"),
@@ -160,8 +166,10 @@ def test_pp1_checkpoint_resumes_at_pp2(base_run, corpus, tmp_path):
 
 
 def test_hf_export_takes_special_ids_from_the_training_tokenizer(base_run, tmp_path):
-    """to-hf on an entry-point checkpoint: eos/pad come from its --tokenizer-* args
-    (NullTokenizer: EOD = vocab - 1, no pad -> EOD), not EMO's published 100257/100277."""
+    """``to-hf`` on an entry-point checkpoint takes eos/pad from its --tokenizer-* args.
+
+    NullTokenizer: EOD = vocab - 1, no pad -> EOD; not EMO's published 100257/100277.
+    """
     import json
     import subprocess
     import sys

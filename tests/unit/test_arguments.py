@@ -1,6 +1,7 @@
-"""The ``--emo-*`` flags are generated from ``EMOTransformerConfig``: one flag per ``emo_*``
-field, ``dest`` = field, default = field default, help = the field's attribute docstring, and a
-field added to the config gets a flag without touching ``add_emo_args``.
+"""The ``--emo-*`` flags are generated from ``EMOTransformerConfig``.
+
+One flag per ``emo_*`` field, ``dest`` = field, default = field default, help = the field's
+attribute docstring, and a field added to the config gets a flag without touching ``add_emo_args``.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/unit/test_arguments.py -q``
 """

@@ -1,6 +1,7 @@
-"""``megatron_emo/cli.py`` (how tools report errors) and ``megatron_emo/quiet.py`` (the filter of
-known-irrelevant messages), in process and without megatron: exact matching only, user errors vs
-bugs, ``--debug`` / ``MEGATRON_EMO_DEBUG``.
+"""``megatron_emo/cli.py`` and ``megatron_emo/quiet.py``, in process and without megatron.
+
+``cli.py`` is how tools report errors, ``quiet.py`` the filter of known-irrelevant messages.
+Checked: exact matching only, user errors vs bugs, ``--debug`` / ``MEGATRON_EMO_DEBUG``.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/unit/test_cli_and_quiet.py -q``
 """
@@ -44,13 +45,13 @@ def process_state(monkeypatch):
 
 def test_warnings_are_dropped_only_on_a_full_match(process_state):
     quiet.filter_known_messages("cpu")
-    warnings.warn(APEX)
-    warnings.warn(APEX + " (and more)")
-    warnings.warn("Apex is not installed.")
-    warnings.warn(APEX, DeprecationWarning)  # any category: the text decides
+    warnings.warn(APEX, stacklevel=2)
+    warnings.warn(APEX + " (and more)", stacklevel=2)
+    warnings.warn("Apex is not installed.", stacklevel=2)
+    warnings.warn(APEX, DeprecationWarning, stacklevel=2)  # any category: the text decides
     # A tool-scope message is not filtered in a --cpu training run.
     warnings.warn("Could not determine rank from torch.distributed, RANK, or SLURM_PROCID. "
-                  "Defaulting to rank 0.")
+                  "Defaulting to rank 0.", stacklevel=2)
     assert [str(w.message) for w in process_state] == [
         APEX + " (and more)", "Apex is not installed.",
         "Could not determine rank from torch.distributed, RANK, or SLURM_PROCID. "
@@ -102,7 +103,7 @@ def test_stdout_lines_are_dropped_only_on_a_full_match(process_state):
 def test_debug_environment_turns_the_filter_off(process_state, monkeypatch):
     monkeypatch.setenv(quiet.DEBUG_ENV, "1")
     assert quiet.filter_known_messages("tool") == []
-    warnings.warn(APEX)
+    warnings.warn(APEX, stacklevel=2)
     assert [str(w.message) for w in process_state] == [APEX]
 
 

@@ -1,4 +1,4 @@
-"""Document ids (``doc_ids_from_eod``, ``doc_ids_from_cu_seqlens``) and ``segment_sum`` against loops.
+"""Document ids (``doc_ids_from_eod``, ``doc_ids_from_cu_seqlens``), ``segment_sum``, vs loops.
 
 The EOD token belongs to the document it ends; ids are dense across the micro-batch.
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/unit/test_documents.py -q``
@@ -41,7 +41,9 @@ def _rows(name: str) -> torch.Tensor:
     return tokens
 
 
-ROW_CASES = ["random", "eod_first", "eod_last", "no_eod", "consecutive", "mixed", "single_row_all_eod"]
+ROW_CASES = [
+    "random", "eod_first", "eod_last", "no_eod", "consecutive", "mixed", "single_row_all_eod"
+]
 
 
 @pytest.mark.parametrize("name", ROW_CASES, ids=ROW_CASES)

@@ -1,5 +1,6 @@
-"""Layer boundary: ``megatron_emo.routing`` is pure torch (no megatron, transformer_engine or
-torch.distributed import), STYLE.md rules 1-2.
+"""Layer boundary: ``megatron_emo.routing`` is pure torch (STYLE.md rules 1-2).
+
+No megatron, transformer_engine or torch.distributed import.
 
 Imports the package in a subprocess (clean ``sys.modules``) with megatron and transformer_engine
 blocked by a meta-path finder, and scans the routing sources for forbidden imports.

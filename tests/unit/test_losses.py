@@ -1,4 +1,4 @@
-"""EMO auxiliary losses (``load_balancing_loss``, ``expert_load``, ``z_loss``) against loop references.
+"""EMO auxiliary losses (``load_balancing_loss``, ``expert_load``, ``z_loss``) vs loop references.
 
 Also checks the switch-loss special case, uniform routing = 1, reduce_fn invariance, the
 data-parallel-size independence of the gradient, padding masks and the -inf handling of z-loss.
@@ -20,7 +20,9 @@ from megatron_emo.routing import (
 )
 
 
-def _routed(seed: int, num_tokens: int = 64, num_routed: int = 12, num_slots: int = 3, pool: int = 6):
+def _routed(
+    seed: int, num_tokens: int = 64, num_routed: int = 12, num_slots: int = 3, pool: int = 6
+):
     """Random pool-masked routing (S = 1): returns ``(logits (T, R+1), EMORouting)``."""
     gen = torch.Generator().manual_seed(seed)
     logits = 2.0 * torch.randn(num_tokens, num_routed + 1, generator=gen)
@@ -47,7 +49,8 @@ def test_no_pool_equals_standard_switch_loss() -> None:
     num_tokens, num_routed, k = 80, 10, 3
     logits = torch.randn(num_tokens, num_routed + 1, generator=gen)
     out = route_within_pools(
-        logits, torch.ones(num_tokens, num_routed, dtype=torch.bool), topk=k + 1, num_shared_experts=1
+        logits, torch.ones(num_tokens, num_routed, dtype=torch.bool), topk=k + 1,
+        num_shared_experts=1,
     )
     loss = load_balancing_loss(out.scores, out.routed_map, topk=k)
     # Plain softmax + top-K switch loss over the routed experts.
@@ -106,7 +109,8 @@ def test_gradient_independent_of_data_parallel_size(seed: int) -> None:
     num_tokens, num_routed = 64, 12
     logits = 2.0 * torch.randn(num_tokens, num_routed + 1, generator=gen, dtype=torch.float64)
     doc_ids = torch.sort(torch.randint(0, 6, (num_tokens,), generator=gen)).values
-    in_pool = document_pool_mask(logits[:, :num_routed], doc_ids, torch.randint(3, 13, (6,), generator=gen))
+    in_pool = document_pool_mask(logits[:, :num_routed], doc_ids,
+                                 torch.randint(3, 13, (6,), generator=gen))
 
     full_grad = _lb_grad(logits, in_pool)
 
@@ -142,7 +146,8 @@ def test_z_loss_matches_reference(seed: int) -> None:
     _, out = _routed(seed)
     loss = z_loss(out.masked_logits)
     assert torch.isinf(out.masked_logits).any()
-    assert abs(float(loss) - reference_z_loss(out.masked_logits)) < 1e-5 * max(1.0, abs(float(loss)))
+    assert (abs(float(loss) - reference_z_loss(out.masked_logits))
+            < 1e-5 * max(1.0, abs(float(loss))))
 
 
 def test_z_loss_ignores_masked_entries() -> None:
@@ -164,8 +169,8 @@ def test_z_loss_ignores_masked_entries() -> None:
 
     # Gradient through route_within_pools reaches only the pool logits.
     raw = logits.clone().requires_grad_(True)
-    out = route_within_pools(torch.cat([raw, torch.zeros(16, 1, dtype=torch.float64)], 1), in_pool, topk=2,
-                             num_shared_experts=1)
+    out = route_within_pools(torch.cat([raw, torch.zeros(16, 1, dtype=torch.float64)], 1), in_pool,
+                             topk=2, num_shared_experts=1)
     (g,) = torch.autograd.grad(z_loss(out.masked_logits), raw)
     assert torch.all(torch.isfinite(g)) and torch.all(g[~in_pool] == 0)
 

@@ -1,5 +1,7 @@
-"""Pool-size draws (``sample_pool_sizes``, ``eval_pool_sizes``): determinism, range, key dependence,
-independence from key order and batching (what makes any sharding route identically), uniformity.
+"""Pool-size draws (``sample_pool_sizes``, ``eval_pool_sizes``).
+
+Determinism, range, key dependence, independence from key order and batching (what makes any
+sharding route identically), uniformity.
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/unit/test_pool_sizes.py -q``
 """
 
@@ -36,7 +38,8 @@ def test_deterministic_in_fresh_process() -> None:
         "print(','.join(map(str, out.tolist())))\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
     fresh = [int(v) for v in res.stdout.strip().split(",")]
     assert fresh == sample_pool_sizes(KEYS, **ARGS).tolist()
 
@@ -121,7 +124,9 @@ BAD_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("bad", BAD_ARGS, ids=[",".join(f"{k}={v}" for k, v in b.items()) for b in BAD_ARGS])
+@pytest.mark.parametrize(
+    "bad", BAD_ARGS, ids=[",".join(f"{k}={v}" for k, v in b.items()) for b in BAD_ARGS]
+)
 def test_rejects_bad_arguments(bad: dict) -> None:
     with pytest.raises(ValueError):
         sample_pool_sizes(KEYS[:4], **{**ARGS, **bad})

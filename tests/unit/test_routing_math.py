@@ -1,4 +1,4 @@
-"""EMO routing (``emo_route``, ``document_pool_mask``, ``route_within_pools``) against the loop reference.
+"""EMO routing (``emo_route``, ``document_pool_mask``, ``route_within_pools``) vs a loop reference.
 
 Checks exact routing maps and probabilities (1e-6) against ``tests/reference.py`` on random and
 edge-case inputs, routing invariants, the ``reduce_fn`` hook, and the router options.
@@ -193,7 +193,8 @@ def test_emo_route_ties_keep_invariants(name: str) -> None:
     probs, routing_map = emo_route(
         case["logits"], case["doc_ids"], case["pool_sizes"], topk=case["topk"], num_shared_experts=1
     )
-    _check_invariants(case["logits"], case["doc_ids"], case["pool_sizes"], probs, routing_map, case["topk"], 1)
+    _check_invariants(case["logits"], case["doc_ids"], case["pool_sizes"], probs, routing_map,
+                      case["topk"], 1)
     ref_probs, _ = reference_emo_route(
         case["logits"], case["doc_ids"], case["pool_sizes"], topk=case["topk"], num_shared_experts=1
     )
@@ -240,7 +241,8 @@ def test_emo_route_invariants_random(seed: int) -> None:
     num_docs = int(doc_ids.max()) + 1
     pool_sizes = torch.randint(5, 24, (num_docs,), generator=gen)
     logits = 3.0 * torch.randn(128, num_routed + num_shared, generator=gen)
-    probs, routing_map = emo_route(logits, doc_ids, pool_sizes, topk=topk, num_shared_experts=num_shared)
+    probs, routing_map = emo_route(logits, doc_ids, pool_sizes, topk=topk,
+                                   num_shared_experts=num_shared)
     _check_invariants(logits, doc_ids, pool_sizes, probs, routing_map, topk, num_shared)
 
 
@@ -305,7 +307,8 @@ def test_sigmoid_scores_renormalise_to_one_inside_pool() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(32, 13, generator=gen)
     in_pool = _random_pool(32, 12, 6, gen)
-    out = route_within_pools(logits, in_pool, topk=4, num_shared_experts=1, score_function="sigmoid")
+    out = route_within_pools(logits, in_pool, topk=4, num_shared_experts=1,
+                             score_function="sigmoid")
     routed = out.probs[:, :12]
     torch.testing.assert_close(routed.sum(dim=1), torch.ones(32), atol=1e-6, rtol=0)
     assert not torch.any(out.routed_map & ~in_pool)
@@ -315,7 +318,8 @@ def test_sigmoid_scores_renormalise_to_one_inside_pool() -> None:
     expect_idx = sig.topk(3, dim=1).indices
     assert torch.equal(out.routed_map, torch.zeros_like(in_pool).scatter_(1, expect_idx, True))
     w = sig.gather(1, expect_idx)
-    torch.testing.assert_close(routed.gather(1, expect_idx), w / w.sum(1, keepdim=True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(routed.gather(1, expect_idx), w / w.sum(1, keepdim=True),
+                               atol=1e-6, rtol=0)
 
 
 def test_expert_bias_changes_selection_but_stays_in_pool() -> None:
