@@ -71,12 +71,13 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=8)
     args = parser.parse_args()
 
-    from helpers import free_port, init_gloo
     from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection
 
     from megatron_emo.cpu import initialize_model_parallel_cpu
     from megatron_emo.mcore import EMORouter, routing_context
     from megatron_emo.mcore.config import uniform_routing_ep_loads
+
+    from helpers import free_port, init_gloo
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     init_gloo(0, 1, free_port())

@@ -47,6 +47,7 @@ def pytest_collection_modifyitems(config, items):
 def gloo_world():
     """The default ``torch.distributed`` group: one gloo rank on the loopback address."""
     import torch.distributed as dist
+
     from helpers import free_port, init_gloo
 
     init_gloo(0, 1, free_port())

@@ -11,11 +11,12 @@ import os
 
 import torch
 import torch.distributed as dist
-from hf_tiny import TINY
 
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.hf_config import EmoShape
 from megatron_emo.conversion.key_map import mcore_num_experts
+
+from hf_tiny import TINY
 
 SEQ = 32
 
@@ -35,9 +36,9 @@ def train_few_steps(layout: str = "router", steps: int = 3, seed: int = 0):
     Plain ``torch.optim.Adam`` on the CPU backend: the ``--cpu`` training entry point is not part
     of this branch.
     """
-    from helpers import tiny_batch
-
     from megatron_emo.mcore import routing_context
+
+    from helpers import tiny_batch
 
     model = build(layout, seed=seed, emo_routing="emo", emo_pool_size_min=2,
                   emo_pool_size_max=7, emo_pool_size_eval=3, moe_aux_loss_coeff=1e-2)

@@ -15,8 +15,9 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 from transformers import AutoModelForCausalLM
+
+from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 
 
 def _load(path):
@@ -110,8 +111,9 @@ def test_no_non_persistent_buffers(tmp_path):
     uninitialised after ``from_pretrained`` (RoPE ``inv_freq`` once held garbage there, making
     routing depend on the load).
     """
-    from hf_tiny import random_hf_state_dict, write_hf_dir
     from transformers import AutoModelForCausalLM
+
+    from hf_tiny import random_hf_state_dict, write_hf_dir
 
     write_hf_dir(tmp_path / "hf", random_hf_state_dict(seed=3))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)

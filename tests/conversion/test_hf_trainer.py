@@ -15,8 +15,9 @@ import sys
 
 import pytest
 import torch
-from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 
 SEQ = 16
 LENGTHS = [16, 5, 12, 9, 16, 3, 14, 7]  # unequal item counts per micro-batch

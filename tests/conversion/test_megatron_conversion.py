@@ -23,6 +23,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from megatron_emo.conversion import checkpoint_io as cio
+from megatron_emo.conversion.from_hf import import_from_hf
+from megatron_emo.conversion.to_hf import export_to_hf
+
 from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 from mcore_tiny import (
     build,
@@ -33,11 +39,6 @@ from mcore_tiny import (
     stored_model_tensors,
     train_few_steps,
 )
-from safetensors.torch import load_file
-
-from megatron_emo.conversion import checkpoint_io as cio
-from megatron_emo.conversion.from_hf import import_from_hf
-from megatron_emo.conversion.to_hf import export_to_hf
 
 
 def _hf_model(path):

@@ -22,11 +22,12 @@ import sys
 
 import pytest
 import torch
-from hf_tiny import random_hf_state_dict, write_hf_dir
-from mcore_tiny import build, megatron_logits
 from torch.overrides import TorchFunctionMode
 
 from megatron_emo.conversion.from_hf import import_from_hf
+
+from hf_tiny import random_hf_state_dict, write_hf_dir
+from mcore_tiny import build, megatron_logits
 
 
 class _CudaScalarsOnCpu(TorchFunctionMode):

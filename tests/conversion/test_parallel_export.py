@@ -13,17 +13,18 @@ import os
 
 import pytest
 import torch
-from helpers import run_distributed
-from hf_tiny import TINY
 
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.to_hf import export_to_hf
 
+from helpers import run_distributed
+from hf_tiny import TINY
+
 
 def _resave(rank, world_size, src, dst, tp, ep):
-    from mcore_tiny import build, load_into, save_megatron_checkpoint
-
     from megatron_emo.cpu import initialize_model_parallel_cpu
+
+    from mcore_tiny import build, load_into, save_megatron_checkpoint
 
     initialize_model_parallel_cpu(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     model = load_into(build("router", seed=50 + rank), src)

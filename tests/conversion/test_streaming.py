@@ -28,12 +28,13 @@ import sys
 
 import pytest
 import torch
-from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 from safetensors.torch import load_file
 
 from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.from_hf import import_from_hf
 from megatron_emo.conversion.to_hf import export_to_hf
+
+from hf_tiny import TINY, random_hf_state_dict, write_hf_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+
 from helpers import SEQ, build_tiny_gpt, run_distributed, tiny_batch, tiny_config
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from helpers import build_tiny_gpt, capture_router_io, run_distributed, tiny_batch, tiny_config
 
 COMMON = dict(num_moe_experts=16, emo_pool_size_min=3, emo_pool_size_max=12)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

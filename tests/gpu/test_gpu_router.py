@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+
 from helpers import SEQ, VOCAB, free_port, tiny_batch, tiny_config
 
 pytestmark = pytest.mark.gpu
@@ -70,11 +71,12 @@ def _te_available() -> bool:
 )
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"], ids=["allgather", "alltoall"])
 def test_gpt_on_cuda_routes_like_emo_route(cuda_world, use_te, dispatcher):
-    from helpers import capture_router_io
     from megatron.core.transformer.moe import moe_logging
 
     from megatron_emo.mcore import build_emo_gpt_model, routing_context
     from megatron_emo.routing import emo_route, sample_pool_sizes
+
+    from helpers import capture_router_io
 
     moe_logging.destroy_moe_metrics_tracker()
     config = tiny_config(

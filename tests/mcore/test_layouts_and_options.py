@@ -17,13 +17,6 @@ import warnings
 
 import pytest
 import torch
-from helpers import (
-    build_tiny_gpt,
-    capture_router_io,
-    forward_with_docs,
-    tiny_batch,
-    tiny_config,
-)
 from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 from megatron.core.transformer.moe import moe_logging
 from megatron.core.transformer.moe.moe_utils import (
@@ -38,6 +31,14 @@ from megatron_emo.routing import (
     load_balancing_loss,
     route_within_pools,
     sample_pool_sizes,
+)
+
+from helpers import (
+    build_tiny_gpt,
+    capture_router_io,
+    forward_with_docs,
+    tiny_batch,
+    tiny_config,
 )
 
 

@@ -10,13 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    build_tiny_gpt,
-    capture_router_io,
-    forward_with_docs,
-    tiny_batch,
-    tiny_config,
-)
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.moe import moe_logging
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -30,6 +23,14 @@ from megatron_emo.routing import (
     load_balancing_loss,
     route_within_pools,
     sample_pool_sizes,
+)
+
+from helpers import (
+    build_tiny_gpt,
+    capture_router_io,
+    forward_with_docs,
+    tiny_batch,
+    tiny_config,
 )
 
 

@@ -15,10 +15,11 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import build_tiny_gpt, capture_router_io, tiny_batch, tiny_config
 from megatron.core.transformer.moe import moe_logging
 
 from megatron_emo.mcore import EMOTransformerConfig, RoutingMetricsTracker, routing_context
+
+from helpers import build_tiny_gpt, capture_router_io, tiny_batch, tiny_config
 
 pytest.importorskip("triton")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from preprocessing_helpers import make_records, write_jsonl
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+
 from preprocessing_helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

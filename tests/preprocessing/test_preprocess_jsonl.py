@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from preprocessing_helpers import make_records, subprocess_env, write_jsonl
 
 from megatron_emo.preprocessing.preprocess import (
     BAD_INPUT_CATEGORIES,
@@ -26,6 +25,8 @@ from megatron_emo.preprocessing.preprocess import (
 )
 from megatron_emo.preprocessing.tokenizers import build_tokenizer, tokenizer_eod_id
 from megatron_emo.preprocessing.writer import IndexedDatasetWriter
+
+from preprocessing_helpers import make_records, subprocess_env, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER_KINDS = ["sentencepiece", "huggingface"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from preprocessing_helpers import make_records, write_jsonl
 
 from megatron_emo.preprocessing.preprocess import preprocess_jsonl
 from megatron_emo.preprocessing.token_arrays import convert_token_arrays
 from megatron_emo.preprocessing.tokenizers import build_tokenizer
+
+from preprocessing_helpers import make_records, write_jsonl
 
 EOS = 100257
 VOCAB = 100278

@@ -13,10 +13,11 @@ import subprocess
 import sys
 
 import pytest
-from preprocessing_helpers import make_records, subprocess_env, write_jsonl
 
 from megatron_emo.preprocessing.tokenizer_training import SPECIAL_IDS, train_sentencepiece
 from megatron_emo.preprocessing.tokenizers import build_tokenizer
+
+from preprocessing_helpers import make_records, subprocess_env, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

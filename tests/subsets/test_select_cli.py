@@ -37,11 +37,12 @@ def _write_examples(path, n=4, seed=0):
 
 
 def test_hf_input_writes_pruned_hf_and_trainable_megatron(tmp_path, tiny_hf_dir, capsys):
-    from hf_tiny import TINY
-    from mcore_tiny import build, load_into, megatron_logits
     from transformers import AutoModelForCausalLM
 
     from megatron_emo.mcore import routing_context
+
+    from hf_tiny import TINY
+    from mcore_tiny import build, load_into, megatron_logits
 
     ex = _write_examples(tmp_path / "ex.jsonl")
     out = tmp_path / "out"
@@ -89,10 +90,11 @@ def test_hf_input_writes_pruned_hf_and_trainable_megatron(tmp_path, tiny_hf_dir,
 
 def test_megatron_subset_default_layout_pads_to_ep(tmp_path, tiny_hf_dir, capsys):
     """Default layout: SharedExpertMLP, and 3 kept routed experts + 1 padding expert at EP 2."""
-    from hf_tiny import TINY
-    from mcore_tiny import build, load_into
     from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
+
+    from hf_tiny import TINY
+    from mcore_tiny import build, load_into
 
     ex = _write_examples(tmp_path / "ex.jsonl")
     out = tmp_path / "out"

@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+
 from train_runs import check, make_corpus, run_train, tb_scalars, train_args
 
 BASE_ITERS, ANNEAL_ITERS = 4, 2

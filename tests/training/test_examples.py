@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from train_runs import clean_env
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,6 +19,7 @@ import math
 import os
 
 import pytest
+
 from train_runs import check, make_corpus, run_train, tb_scalars, train_args
 
 ITERS = 5

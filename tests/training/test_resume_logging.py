@@ -18,6 +18,7 @@ import os
 import re
 
 import pytest
+
 from train_runs import check, make_corpus, run_train, tb_scalars, train_args
 
 ITERS = 6

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import free_port
 from train_runs import REPO_ROOT, VOCAB, clean_env, make_corpus, tb_scalars
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from train_runs import check, make_corpus, run_train, tb_scalars, train_args
 
 ITERS = 8

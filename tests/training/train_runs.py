@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

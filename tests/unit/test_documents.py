@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_doc_ids_from_eod
 
 from megatron_emo.routing import doc_ids_from_cu_seqlens, doc_ids_from_eod, segment_sum
+
+from reference import reference_doc_ids_from_eod
 
 EOD = 7
 

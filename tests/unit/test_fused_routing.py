@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_doc_ids
-from reference import reference_emo_route, reference_pools
 
 from megatron_emo.routing import (
     document_pool_mask,
@@ -22,6 +20,9 @@ from megatron_emo.routing import (
     route_within_pools,
     segment_sum,
 )
+
+from helpers import random_doc_ids
+from reference import reference_emo_route, reference_pools
 
 pytest.importorskip("triton")
 

@@ -110,3 +110,37 @@ def _uses_torch_distributed_attribute(path: str) -> bool:
         and node.value.id == "torch"
         for node in ast.walk(tree)
     )
+
+
+_GPU_PATH_CHILD = textwrap.dedent(
+    """
+    import sys
+
+    import megatron_emo.conversion.from_hf
+    import megatron_emo.conversion.to_hf
+    import megatron_emo.mcore
+    import megatron_emo.subsets
+    import megatron_emo.train
+    import megatron_emo.training.model_provider
+    import megatron_emo.training.step
+
+    loaded = sorted(m for m in sys.modules if m.split(".")[:2] == ["megatron_emo", "cpu"])
+    assert not loaded, loaded
+    print("OK")
+    """
+)
+
+
+def test_gpu_path_and_tools_never_import_the_cpu_backend() -> None:
+    """The CPU backend stays unimported on the GPU path and in the tools.
+
+    The training path without ``--cpu``, the adapters, conversion and subsets leave
+    ``megatron_emo.cpu`` unimported (STYLE: the CPU backend is never imported on GPU runs).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", _GPU_PATH_CHILD], capture_output=True, text=True, env=env,
+        cwd=REPO_ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("OK")

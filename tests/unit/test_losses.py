@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_load_balancing_loss, reference_z_loss
 
 from megatron_emo.routing import (
     document_pool_mask,
@@ -18,6 +17,8 @@ from megatron_emo.routing import (
     route_within_pools,
     z_loss,
 )
+
+from reference import reference_load_balancing_loss, reference_z_loss
 
 
 def _routed(

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_doc_ids
-from reference import reference_doc_ids_from_eod, reference_emo_route, reference_pools
 
 from megatron_emo.routing import (
     descending_keys,
@@ -20,6 +18,9 @@ from megatron_emo.routing import (
     segment_sum,
     topk_lowest_index,
 )
+
+from helpers import random_doc_ids
+from reference import reference_doc_ids_from_eod, reference_emo_route, reference_pools
 
 EOD = 0
 
