@@ -68,6 +68,19 @@ def run_distributed(fn: Callable, world_size: int = 2, *args: Any) -> None:
             raise AssertionError("distributed test failed:\n" + "\n".join(msgs)) from exc
 
 
+# Config flags every CPU-built test model needs: CPU weight initialisation and none of the
+# fused kernels that exist only on CUDA / with Transformer Engine.
+CPU_MODEL_FLAGS: dict[str, Any] = dict(
+    use_cpu_initialization=True,
+    bias_activation_fusion=False,
+    masked_softmax_fusion=False,
+    moe_permute_fusion=False,
+    gradient_accumulation_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+)
+
+
 def tiny_config(**overrides: Any):
     """An ``EMOTransformerConfig`` for a tiny MoE GPT that runs on the CPU backend."""
     from megatron_emo.mcore import EMOTransformerConfig
@@ -93,13 +106,7 @@ def tiny_config(**overrides: Any):
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        moe_permute_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **CPU_MODEL_FLAGS,
     )
     kwargs.update(overrides)
     return EMOTransformerConfig(**kwargs)

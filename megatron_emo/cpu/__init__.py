@@ -106,39 +106,22 @@ def enabled(*, training: bool = False) -> Iterator[None]:
             _BACKEND.undo()
 
 
-def initialize_model_parallel_cpu(
-    *,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    expert_model_parallel_size: int = 1,
-    context_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: int | None = None,
-    expert_tensor_parallel_size: int | None = None,
-    seed: int = 1234,
-) -> None:
+def initialize_model_parallel_cpu(*, seed: int = 1234, **parallel_sizes: int | None) -> None:
     """Sets up a CPU run: the backend, model-parallel state, CPU RNG tracker and scratch buffer.
 
     Needs an initialised gloo group; the model-parallel state comes from
     ``megatron_emo.mcore.process_groups.initialize_model_parallel``.
 
     Args:
-        tensor_model_parallel_size: TP size.
-        pipeline_model_parallel_size: PP size.
-        expert_model_parallel_size: EP size.
-        context_parallel_size: CP size.
-        virtual_pipeline_model_parallel_size: virtual pipeline chunks per stage (None: none).
-        expert_tensor_parallel_size: expert TP size (None: the TP size, as in Megatron).
         seed: model seed (Megatron's offsets: +2718 + tp_rank for TP, +1024 + 100 * ep_rank +
             etp_rank for experts).
+        **parallel_sizes: the sizes of ``initialize_model_parallel``
+            (``tensor_model_parallel_size``, ``expert_model_parallel_size``, ...; 1 when left
+            out).
     """
     enable()
     ranks = initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-        context_parallel_size=context_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
+        **parallel_sizes,
         global_memory_buffer=CPUGlobalMemoryBuffer(),  # F2: utils.py:715 allocates on CUDA
     )
     tracker = mcore_random._CUDA_RNG_STATE_TRACKER

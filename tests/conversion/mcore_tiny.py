@@ -16,6 +16,7 @@ from megatron_emo.conversion import checkpoint_io as cio
 from megatron_emo.conversion.hf_config import EmoShape
 from megatron_emo.conversion.key_map import mcore_num_experts
 
+from helpers import CPU_MODEL_FLAGS
 from hf_tiny import TINY
 
 SEQ = 32
@@ -121,13 +122,7 @@ def mcore_config_from_shape(shape: EmoShape, shared_layout: str, num_padding: in
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        moe_permute_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **CPU_MODEL_FLAGS,
     )
     kw.update(overrides)
     return EMOTransformerConfig(**kw)
