@@ -2,7 +2,8 @@
 # Train a sentencepiece tokenizer on the embedded sample corpus, then tokenize the corpus into a
 # Megatron .bin/.idx dataset with a per-document metadata sidecar (domain, source, id).
 #   bash examples/01_preprocess.sh                       # -> runs/data/emo_sample_text_document.*
-#   OUT_DIR=/data/emo VOCAB_SIZE=32000 WORKERS=8 INPUTS="/data/raw/*.jsonl.gz" bash examples/01_preprocess.sh
+#   OUT_DIR=/data/emo VOCAB_SIZE=32000 WORKERS=8 INPUTS="/data/raw/*.jsonl.gz" \
+#     bash examples/01_preprocess.sh
 # Outputs: $OUT_DIR/tokenizer.{model,vocab} and $OUT_DIR/${NAME}_text_document.{bin,idx,
 # metadata.jsonl,summary.json}. Train with:
 #   --tokenizer-type SentencePieceTokenizer --tokenizer-model $OUT_DIR/tokenizer.model

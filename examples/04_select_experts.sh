@@ -4,7 +4,8 @@
 # Defaults use the quickstart's model and tokenizer, and the embedded corpus' math documents as
 # the "task".
 #   bash examples/04_select_experts.sh
-#   CHECKPOINT=runs/emo_1b14b/hf TOKENIZER_MODEL=... EXAMPLES=task.jsonl KEEP=32 bash examples/04_select_experts.sh
+#   CHECKPOINT=runs/emo_1b14b/hf TOKENIZER_MODEL=... EXAMPLES=task.jsonl KEEP=32 \
+#     bash examples/04_select_experts.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}

@@ -7,8 +7,9 @@
 #   RECIPE=examples/slurm/cpu_tiny_args.sh NGPU=2 PATH=$PWD/.venv/bin:$PATH \
 #     sbatch --nodes 1 --gpus-per-node 0 --cpus-per-task 2 examples/slurm/train_emo.sbatch
 # Env: DATA_PATH (preprocessed prefix; default 01_preprocess.sh's), TOKENIZER_TYPE
-# (SentencePieceTokenizer; or NullTokenizer with VOCAB_SIZE), TOKENIZER_MODEL, RUN_DIR, TRAIN_ITERS, SAVE_INTERVAL, EP, EXIT_INTERVAL (stop
-# and save after that many iterations, like a job reaching its time limit; resubmit to resume).
+# (SentencePieceTokenizer; or NullTokenizer with VOCAB_SIZE), TOKENIZER_MODEL, RUN_DIR,
+# TRAIN_ITERS, SAVE_INTERVAL, EP, EXIT_INTERVAL (stop and save after that many iterations, like a
+# job reaching its time limit; resubmit to resume).
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     echo "source this file (train_emo.sbatch does)" >&2
     exit 1
